@@ -1,0 +1,1 @@
+"""One module per intercepted system call family; `supervisor.registry` maps calls to them."""

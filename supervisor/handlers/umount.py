@@ -1,0 +1,53 @@
+"""umount2(2) (and i386's umount(2)).
+
+A mount the supervisor made is unmounted by the helper, which checks the mount id again just
+before unmounting. Anything else is left to the kernel (CONTINUE): that is safe even if the
+container swaps the path afterwards, because the kernel re-checks every permission itself, and
+the supervisor's own mounts are ones the container's root may unmount anyway.
+"""
+
+from __future__ import annotations
+
+import errno
+import posixpath
+
+from .. import syscalls as s
+from ..errors import KernelError
+from ..nshelper import Unmount
+from ..registry import Call
+from ..seccomp.notify import Response
+from ..target import CAP_SYS_ADMIN
+
+_KNOWN_FLAGS = s.MNT_FORCE | s.MNT_DETACH | s.MNT_EXPIRE | s.UMOUNT_NOFOLLOW
+
+
+def handle(call: Call) -> Response:
+    return _umount(call, call.notif.args[1] & 0xFFFFFFFF)
+
+
+def handle_old(call: Call) -> Response:
+    """i386's umount(path): umount2 with no flags."""
+    return _umount(call, 0)
+
+
+def _umount(call: Call, flags: int) -> Response:
+    t = call.target
+    path = t.read_cstring(call.notif.args[0], what="target")
+    t.check()
+    call.audit.update(target=path, flags=f"{flags:#x}")
+    if flags & ~_KNOWN_FLAGS or flags & s.MNT_EXPIRE and flags & (s.MNT_FORCE | s.MNT_DETACH):
+        raise KernelError(errno.EINVAL, "invalid umount2 flags")
+    with t.resolve(path, follow_last=not flags & s.UMOUNT_NOFOLLOW) as where:
+        mnt_id, ino, canonical = s.mount_id(where.fd), where.st.st_ino, where.path
+    # Our fd on the mount point is closed now: held open, it would make the unmount EBUSY.
+    record = call.session.mounts.get(mnt_id)
+    if record is None or ino != record.root_ino:
+        call.audit.update(action="kernel-native")
+        return Response.continue_(call.notif.id)
+    if not t.creds or not t.creds.has_cap(CAP_SYS_ADMIN):
+        raise KernelError(errno.EPERM, "unmounting needs CAP_SYS_ADMIN in the container")
+    call.audit.update(target=canonical, action="unmount", source=record.source, loop=f"/dev/loop{record.loop}")
+    ns_path = posixpath.join(t.root_path, canonical.lstrip("/"))
+    call.session.nshelper().call(Unmount(ns_path, flags & ~s.UMOUNT_NOFOLLOW, record.mnt_id))
+    del call.session.mounts[record.mnt_id]
+    return Response.success(call.notif.id)

@@ -1,0 +1,117 @@
+"""Attaching one host loop device to a backing fd, the way systemd's loop-util does it.
+
+Lock order: the device node's BSD lock (LOCK_EX) is taken after LOOP_CTL_GET_FREE and held
+across LOOP_CONFIGURE, so udev and other lock-respecting tools do not probe a half-made device.
+Another process (a host `losetup`, a second supervisor) may win the race for the same free
+device: LOOP_CONFIGURE then fails with EBUSY and we retry with a fresh number, a bounded number
+of times with randomized backoff. Every device is configured with LO_FLAGS_AUTOCLEAR, so the
+kernel detaches it by itself once the last opener (our fd, then the mount) lets go, also if the
+supervisor is killed.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import random
+import struct
+import time
+from dataclasses import dataclass
+from typing import Final
+
+from ..errors import KernelError
+
+LOOP_CONFIGURE: Final = 0x4C0A
+LOOP_GET_STATUS64: Final = 0x4C05
+LOOP_CTL_GET_FREE: Final = 0x4C82
+LO_FLAGS_READ_ONLY: Final = 1
+LO_FLAGS_AUTOCLEAR: Final = 4
+LO_NAME_SIZE: Final = 64
+# struct loop_info64 and struct loop_config (linux/loop.h)
+INFO64: Final = struct.Struct("<5Q4I64s64s32s2Q")
+CONFIG: Final = struct.Struct(f"<II{INFO64.size}s8Q")
+_RETRY_ERRNOS: Final = frozenset({errno.EBUSY, errno.ENOENT, errno.ENXIO, errno.EAGAIN})
+_MAX_TRIES: Final = 64
+
+
+@dataclass
+class LoopDevice:
+    """An attached host loop device; `fd` keeps it bound until the mount holds it too."""
+
+    number: int
+    fd: int
+    rdev: int
+
+    @property
+    def path(self) -> str:
+        return f"/dev/loop{self.number}"
+
+    def close(self) -> None:
+        """Drop our reference; with autoclear the kernel detaches once nothing else holds it."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _status(fd: int) -> tuple[int, int, int]:
+    buf = bytearray(INFO64.size)
+    fcntl.ioctl(fd, LOOP_GET_STATUS64, buf, True)
+    fields = INFO64.unpack(buf)
+    return fields[0], fields[1], fields[8]
+
+
+def attach(backing_fd: int, *, read_only: bool, name: str = "") -> LoopDevice:
+    """Bind a free host loop device to `backing_fd` (read-only if asked) and verify the result."""
+    backing = os.fstat(backing_fd)
+    flags = LO_FLAGS_AUTOCLEAR | (LO_FLAGS_READ_ONLY if read_only else 0)
+    info = INFO64.pack(0, 0, 0, 0, 0, 0, 0, 0, flags, name.encode()[: LO_NAME_SIZE - 1], b"", b"", 0, 0)
+    config = CONFIG.pack(backing_fd, 0, info, *([0] * 8))
+    ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for attempt in range(_MAX_TRIES):
+            number = fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
+            try:
+                fd = os.open(f"/dev/loop{number}", os.O_RDWR | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno not in _RETRY_ERRNOS:
+                    raise KernelError(exc.errno or errno.EIO, "cannot open loop device", f"/dev/loop{number}") from None
+                _backoff(attempt)
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                fcntl.ioctl(fd, LOOP_CONFIGURE, config)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno not in _RETRY_ERRNOS:
+                    raise KernelError(exc.errno or errno.EIO, "LOOP_CONFIGURE failed", f"/dev/loop{number}") from None
+                _backoff(attempt)
+                continue
+            device, inode, lo_flags = _status(fd)
+            if (device, inode) != (backing.st_dev, backing.st_ino) or not lo_flags & LO_FLAGS_AUTOCLEAR:
+                os.close(fd)  # autoclear undoes our half of it
+                raise KernelError(errno.EBUSY, "loop device was re-bound by someone else", f"/dev/loop{number}")
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return LoopDevice(number, fd, os.fstat(fd).st_rdev)
+        raise KernelError(errno.EBUSY, f"no free loop device after {_MAX_TRIES} tries")
+    finally:
+        os.close(ctl)
+
+
+def _backoff(attempt: int) -> None:
+    time.sleep(random.uniform(0, min(0.001 * 2**attempt, 0.05)))
+
+
+def is_bound(number: int) -> bool:
+    """Whether a host loop device still has a backing file (autoclear runs asynchronously)."""
+    return os.path.exists(f"/sys/block/loop{number}/loop/backing_file")
+
+
+def wait_detached(numbers: list[int], timeout: float = 10.0) -> list[int]:
+    """Wait until the kernel's deferred autoclear has released these devices; returns the stragglers."""
+    deadline = time.monotonic() + timeout
+    left = [n for n in numbers if is_bound(n)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.01)
+        left = [n for n in left if is_bound(n)]
+    return left

@@ -1,0 +1,239 @@
+"""Reading policy files into a Policy, with every error pinned to file:line:col.
+
+The YAML is composed into a node tree first so that a pydantic error location such as
+("rules", 1, "action") can be walked back to the node that caused it: operators edit these
+files by hand, and "line 7, column 5" is what lets them fix a policy without guessing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import yaml
+from pydantic import ValidationError
+from pydantic_core import ErrorDetails
+
+from .matcher import Policy
+from .schema import PolicyFile, allowed_keys, show_value
+
+POLICY_SUFFIXES: Final = (".yaml", ".yml")
+
+Loc = tuple[int | str, ...]
+
+
+class PolicyError(Exception):
+    """A policy that cannot be loaded.
+
+    The message is one line per problem, each starting with "file:line:col:" (the format
+    compilers use, so editors and terminals can jump to it) and saying what to write instead.
+    """
+
+
+@dataclass(frozen=True)
+class _LoadedFile:
+    """A validated file plus its node tree, kept to place errors found across files."""
+
+    path: str
+    root: yaml.Node
+    content: PolicyFile
+
+
+def load_policy(paths: Sequence[str | os.PathLike[str]]) -> Policy:
+    """Load the files in order (a directory stands for its *.yaml/*.yml files by name).
+
+    Rules are concatenated in that order, so earlier files take precedence.
+    """
+    files = tuple(name for path in paths for name in _expand(path))
+    loaded = [_load_file(name) for name in files]
+    _check_unique_names(loaded)
+    return Policy(files=files, rules=tuple(rule for item in loaded for rule in item.content.rules))
+
+
+def _expand(path: str | os.PathLike[str]) -> list[str]:
+    name = os.fspath(path)
+    if not os.path.isdir(name):
+        return [name]
+    try:
+        entries = sorted(os.listdir(name))
+    except OSError as exc:
+        raise PolicyError(f"{name}: cannot list policy directory: {exc.strerror}") from None
+    return [os.path.join(name, entry) for entry in entries if entry.endswith(POLICY_SUFFIXES)]
+
+
+def _load_file(path: str) -> _LoadedFile:
+    root = _compose(path, _read(path))
+    try:
+        content = PolicyFile.model_validate(_construct(path, root))
+    except ValidationError as exc:
+        problems = sorted(_explain(path, root, err) for err in exc.errors())
+        raise PolicyError("\n".join(text for _, text in problems)) from None
+    return _LoadedFile(path, root, content)
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read policy file: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise PolicyError(
+            f"{path}: byte {exc.start} is not UTF-8; save the file as UTF-8"
+        ) from None
+
+
+def _compose(path: str, text: str) -> yaml.Node:
+    """The single YAML document in `text` as nodes, refusing empty files and duplicate keys."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        raise _yaml_error(path, exc) from None
+    if root is None or (isinstance(root, yaml.ScalarNode) and root.tag.endswith(":null")):
+        raise PolicyError(f"{path}:1:1: the file is empty; write 'version: 1' and a 'rules:' list")
+    duplicates = [
+        f"{_position(path, key)}: duplicate key {key.value!r}; each key may appear once"
+        for key in _duplicate_keys(root)
+    ]
+    if duplicates:
+        raise PolicyError("\n".join(duplicates))
+    return root
+
+
+def _construct(path: str, root: yaml.Node) -> object:
+    """Python values built from the very nodes that error locations are later looked up in."""
+    loader = yaml.SafeLoader("")
+    try:
+        return loader.construct_document(root)
+    except yaml.YAMLError as exc:
+        raise _yaml_error(path, exc) from None
+    finally:
+        loader.dispose()
+
+
+def _yaml_error(path: str, exc: yaml.YAMLError) -> PolicyError:
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return PolicyError(f"{path}: invalid YAML: {exc}")
+    mark = exc.problem_mark or exc.context_mark
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+    return PolicyError(f"{where}: invalid YAML: {exc.problem}; fix the syntax here")
+
+
+def _duplicate_keys(node: yaml.Node) -> Iterator[yaml.ScalarNode]:
+    """Repeated keys, which YAML loaders silently resolve to the last value.
+
+    In a security policy "action: kernel" followed by "action: deny" must not be a guess.
+    Merge keys ("<<") are left alone: overriding merged keys is their purpose.
+    """
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if key.value in seen:
+                    yield key
+                seen.add(key.value)
+            yield from _duplicate_keys(value)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            yield from _duplicate_keys(item)
+
+
+def _explain(path: str, root: yaml.Node, err: ErrorDetails) -> tuple[int, str]:
+    """One "file:line:col: where: what to do" line for a pydantic error, and its offset.
+
+    The offset lets problems be listed in file order rather than in schema field order.
+    """
+    loc = err["loc"]
+    if err["type"] == "extra_forbidden":
+        node, walked = _locate(root, loc[:-1])
+        node = _key_node(node, loc[-1]) or node
+        walked = (*walked, loc[-1])
+    else:
+        node, walked = _locate(root, loc)
+    where = _position(path, node)
+    dotted = _dotted(walked)
+    sentence = _sentence(err)
+    text = f"{where}: {dotted}: {sentence}" if dotted else f"{where}: {sentence}"
+    return node.start_mark.index, text
+
+
+def _sentence(err: ErrorDetails) -> str:
+    """Pydantic's message, reworded for the errors whose wording does not say what to do.
+
+    The schema's own checks already phrase their messages this way and pass through.
+    """
+    kind, loc, got = err["type"], err["loc"], show_value(err["input"])
+    if kind == "missing":
+        return f"required key {loc[-1]!r} is missing; add it"
+    if kind == "extra_forbidden":
+        return f"unknown key {loc[-1]!r}; use one of: {', '.join(allowed_keys(loc[:-1]))}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{got} is not a mapping; write a mapping with keys: {', '.join(allowed_keys(loc))}"
+    if kind in ("tuple_type", "list_type"):
+        return f"{got} is not a list; write a list like [a, b] (or [] for none)"
+    if kind == "string_type":
+        return f"{got} is not a string; write a string (quote it if needed)"
+    return err["msg"]
+
+
+def _locate(root: yaml.Node, loc: Loc) -> tuple[yaml.Node, Loc]:
+    """The deepest node along `loc` and the part of `loc` that reached it.
+
+    Stops early where the YAML has no such node: at the mapping lacking a required key, or
+    at a scalar that the schema accepted in place of a one-element list.
+    """
+    node: yaml.Node = root
+    for depth, part in enumerate(loc):
+        child = _child(node, part)
+        if child is None:
+            return node, loc[:depth]
+        node = child
+    return node, loc
+
+
+def _child(node: yaml.Node, part: int | str) -> yaml.Node | None:
+    if isinstance(node, yaml.MappingNode):
+        key = _key_node(node, part)
+        return next((value for k, value in node.value if k is key), None)
+    if isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+        item: yaml.Node = node.value[part]
+        return item
+    return None
+
+
+def _key_node(node: yaml.Node, part: int | str) -> yaml.Node | None:
+    """The key node for `part`; the last one wins, as it does when YAML merges keys."""
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    keys = [k for k, _ in node.value if isinstance(k, yaml.ScalarNode) and k.value == str(part)]
+    return keys[-1] if keys else None
+
+
+def _position(path: str, node: yaml.Node) -> str:
+    return f"{path}:{node.start_mark.line + 1}:{node.start_mark.column + 1}"
+
+
+def _dotted(loc: Loc) -> str:
+    """A location as it reads in the file: rules[1].match.source."""
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+
+
+def _check_unique_names(loaded: Sequence[_LoadedFile]) -> None:
+    """Rule names identify rules in decisions and audit logs, so they must be unique overall."""
+    first_seen: dict[str, str] = {}
+    problems: list[str] = []
+    for item in loaded:
+        for index, rule in enumerate(item.content.rules):
+            node, _ = _locate(item.root, ("rules", index, "name"))
+            where = _position(item.path, node)
+            if rule.name in first_seen:
+                problems.append(
+                    f"{where}: rules[{index}].name: {rule.name!r} is already used at "
+                    f"{first_seen[rule.name]}; give each rule a unique name"
+                )
+            else:
+                first_seen[rule.name] = where
+    if problems:
+        raise PolicyError("\n".join(problems))

@@ -1,0 +1,1 @@
+"""The seccomp side of mountwarden: the filter the container loads and the listener ABI."""

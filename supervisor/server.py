@@ -1,0 +1,100 @@
+"""The notification loop: receive, pin, dispatch through the handler table, answer, audit.
+
+One event loop, no thread or process per request. Every notification received gets exactly
+one answer and one audit record, also when a handler fails: the answer is then the failure's
+errno (EIO for a bug), never a silent CONTINUE.
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+import time
+from typing import Any
+
+from .errors import KernelError, errno_name
+from .registry import NATIVE_ARCH, Call, arch_name, handlers, syscall_name
+from .seccomp import notify
+from .session import Session
+from .target import Target
+
+_HANDLERS = handlers()
+
+
+def serve_one(session: Session) -> None:
+    """Take one pending notification from the session's listener and answer it."""
+    notif = notify.receive(session.listener)
+    if notif is None:
+        return
+    started = time.perf_counter_ns()
+    name = syscall_name(notif)
+    audit: dict[str, Any] = {"container": session.name, "pid": notif.pid, "syscall": name or f"nr {notif.nr}"}
+    if notif.arch != NATIVE_ARCH:
+        audit["abi"] = arch_name(notif.arch)
+    response = notify.Response.errno(notif.id, errno.EIO)
+    error: str | None = None
+    try:
+        handler = _HANDLERS.get(name or "")
+        if handler is None:
+            raise KernelError(errno.ENOSYS, f"mountwarden does not serve this call on the {arch_name(notif.arch)} ABI")
+        with Target(session.listener, notif) as target:
+            response = handler(Call(session, notif, target, audit))
+    except KernelError as exc:
+        response = notify.Response.errno(notif.id, exc.errno or errno.EIO)
+        error = str(exc)
+    except Exception as exc:  # a bug: answer EIO and say so, never leave the caller hanging
+        error = f"internal error: {exc!r}"
+        session.log.exception("handler-failed", syscall=name)
+    finally:
+        delivered = notify.send(session.listener, response)
+        _emit(session, audit, response, error, delivered, started)
+
+
+def _emit(
+    session: Session,
+    audit: dict[str, Any],
+    response: notify.Response,
+    error: str | None,
+    delivered: bool,
+    started: int,
+) -> None:
+    secret = audit.pop("secret", None)
+    if response.flags & notify.USER_NOTIF_FLAG_CONTINUE:
+        result = "CONTINUE"
+    else:
+        result = errno_name(-response.error)
+    audit.update(result=result, latency_us=round((time.perf_counter_ns() - started) / 1000, 1))
+    audit.setdefault("action", "deny" if response.error else None)
+    if error:
+        audit["error"] = error
+    if not delivered:
+        audit["delivered"] = False
+    session.log.info("mount-decision", **{k: v for k, v in audit.items() if v is not None})
+    if secret:
+        session.log.debug("mount-decision-data", pid=audit["pid"], **secret)
+
+
+def run_until_exit(session: Session, child_pidfd: int, extra: dict[int, Any] | None = None) -> None:
+    """Serve `session` until the process behind `child_pidfd` exits.
+
+    `extra` maps further fds to callbacks (the signal fd); they run when readable.
+    """
+    poller = select.epoll()
+    poller.register(session.listener, select.EPOLLIN)
+    poller.register(child_pidfd, select.EPOLLIN)
+    for fd in extra or {}:
+        poller.register(fd, select.EPOLLIN)
+    try:
+        while True:
+            for fd, events in poller.poll():
+                if fd == child_pidfd:
+                    return
+                if fd == session.listener:
+                    if events & select.EPOLLIN:
+                        serve_one(session)
+                    elif events & select.EPOLLHUP:  # no task uses the filter any more
+                        poller.unregister(fd)
+                elif extra and fd in extra:
+                    extra[fd]()
+    finally:
+        poller.close()

@@ -1,0 +1,90 @@
+"""The per-container owner: everything made for one container is released here, in one place.
+
+A Session holds the container's listener fd, a pidfd on its init, the namespace helper, the
+mounts it made and the host loop devices behind them. `close` is idempotent and runs however
+the container ended (normal exit, SIGKILL, or the supervisor shutting down); for a supervisor
+that is itself killed, the kernel does the same work: the helper dies by its parent-death
+signal, the container's namespaces die with it, and autoclear detaches the loop devices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import loop
+from .nshelper import NsHelper
+from .policy import Policy
+from .syscalls import pidfd_open
+
+
+@dataclass(frozen=True)
+class MountRecord:
+    """A mount the supervisor attached in the container."""
+
+    mnt_id: int
+    dev: int
+    root_ino: int
+    source: str
+    target: str
+    fstype: str
+    loop: int
+    read_only: bool
+    forced: tuple[str, ...]
+    rule: str | None
+
+
+@dataclass
+class Session:
+    """One container, from its listener's arrival to its end."""
+
+    name: str
+    listener: int
+    init_pid: int
+    policy: Policy
+    log: Any
+    mounts: dict[int, MountRecord] = field(default_factory=dict)
+    loops: set[int] = field(default_factory=set)
+    pidfd: int = -1
+    helper: NsHelper | None = None
+    closed: bool = False
+
+    def start(self) -> Session:
+        """Pin the container's init and start the helper in its mount namespace."""
+        self.pidfd = pidfd_open(self.init_pid)
+        self.helper = NsHelper.start(self.pidfd)
+        return self
+
+    def nshelper(self) -> NsHelper:
+        assert self.helper is not None, "session not started"
+        return self.helper
+
+    def record_for_dev(self, dev: int) -> MountRecord | None:
+        """The supervisor's mount whose superblock is `dev` (any bind of it shares the device)."""
+        return next((r for r in self.mounts.values() if r.dev == dev), None)
+
+    def add(self, record: MountRecord) -> None:
+        self.mounts[record.mnt_id] = record
+        self.loops.add(record.loop)
+
+    def close(self) -> list[int]:
+        """Release everything; returns host loop devices that failed to detach in time (a leak)."""
+        if self.closed:
+            return []
+        self.closed = True
+        if self.helper is not None:
+            self.helper.close()
+            self.helper = None
+        for fd in (self.listener, self.pidfd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.listener = self.pidfd = -1
+        self.mounts.clear()
+        # Autoclear runs asynchronously once the namespace's last holder is gone.
+        stuck = loop.wait_detached(sorted(self.loops))
+        if stuck:
+            self.log.error("loop-devices-still-bound", devices=[f"/dev/loop{n}" for n in stuck])
+        return stuck

@@ -1,0 +1,181 @@
+"""The notifying task, pinned before anything it says is trusted.
+
+Ordering rule: open every handle on the task (pidfd, /proc/<tid>, mem, root, cwd, status)
+first, then check SECCOMP_IOCTL_NOTIF_ID_VALID. Only then do the handles provably belong to
+the task that made the call, not to a recycled tid. Arguments are read from memory once and
+ID_VALID is checked again before acting; every later decision uses those copies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Final
+
+from . import syscalls as sys_
+from .errors import KernelError
+from .paths import PATH_MAX, Resolved, absolute, resolve
+from .seccomp import notify
+
+CAP_DAC_OVERRIDE: Final = 1
+CAP_SYS_ADMIN: Final = 21
+_PAGE: Final = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True)
+class Creds:
+    """The task's ids as the host sees them, and its effective capabilities in its own namespace."""
+
+    uid: int
+    gid: int
+    fsuid: int
+    fsgid: int
+    groups: tuple[int, ...]
+    cap_eff: int
+
+    def has_cap(self, cap: int) -> bool:
+        return bool(self.cap_eff >> cap & 1)
+
+
+def _parse_status(text: str) -> Creds:
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    uids = [int(x) for x in fields["Uid"].split()]
+    gids = [int(x) for x in fields["Gid"].split()]
+    groups = tuple(int(x) for x in fields.get("Groups", "").split())
+    return Creds(uids[0], gids[0], uids[3], gids[3], groups, int(fields["CapEff"].strip(), 16))
+
+
+class Target:
+    """Handles on one notifying task. Use as a context manager; see the module docstring.
+
+    .. warning:: the handles are valid only after `pin` returned; `read_*` may raise
+       KernelError(EFAULT) for a bad pointer, and `check` raises KernelError(ENOENT) once the
+       call is gone (the task died or was interrupted).
+    """
+
+    def __init__(self, listener: int, notif: notify.Notification) -> None:
+        self.listener = listener
+        self.notif = notif
+        self.pid = notif.pid
+        self._fds: list[int] = []
+        self.pidfd = self.proc = self.mem = self.root = -1
+        self.creds: Creds | None = None
+        self.cwd_path = "/"
+        self.root_path = "/"
+
+    def pin(self) -> Target:
+        if self.pid <= 0:
+            raise KernelError(errno.EPERM, "the calling task is not visible from the supervisor's pid namespace")
+        try:
+            self.pidfd = self._keep(sys_.pidfd_open(self.pid, sys_.PIDFD_THREAD))
+            self.proc = self._keep(os.open(f"/proc/{self.pid}", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+            self.mem = self._keep(os.open("mem", os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.proc))
+            self.root = self._keep(os.open("root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.proc))
+            status = self._read_proc("status")
+            cwd = os.readlink("cwd", dir_fd=self.proc)
+            root = os.readlink("root", dir_fd=self.proc)
+        except OSError as exc:
+            raise KernelError(exc.errno or errno.ESRCH, "the calling task went away while being pinned") from None
+        self.check()
+        self.creds = _parse_status(status)
+        self.cwd_path = _relative_to_root(cwd, root)
+        self.root_path = root
+        return self
+
+    def _keep(self, fd: int) -> int:
+        self._fds.append(fd)
+        return fd
+
+    def _read_proc(self, name: str) -> str:
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.proc)
+        try:
+            return os.read(fd, 65536).decode(errors="replace")
+        finally:
+            os.close(fd)
+
+    def check(self) -> None:
+        """Raise unless the notification still stands (the task alive and still in the call)."""
+        if not notify.id_valid(self.listener, self.notif.id):
+            raise KernelError(errno.ENOENT, "the call was abandoned (task died or was interrupted)")
+
+    def read_cstring(self, addr: int, limit: int = PATH_MAX, what: str = "string") -> str:
+        """Copy a NUL-terminated string out of the task, page by page, at most `limit` bytes.
+
+        Reads stop at page boundaries so a string that ends just before an unmapped page is
+        still read, as the kernel's own strncpy_from_user would.
+        """
+        if addr == 0:
+            raise KernelError(errno.EFAULT, f"{what} is a NULL pointer")
+        out = bytearray()
+        while len(out) < limit:
+            want = min(_PAGE - (addr + len(out)) % _PAGE, limit - len(out))
+            try:
+                chunk = os.pread(self.mem, want, addr + len(out))
+            except OSError:
+                chunk = b""
+            if not chunk:
+                raise KernelError(errno.EFAULT, f"{what} points to memory the task cannot read")
+            nul = chunk.find(b"\0")
+            if nul >= 0:
+                out += chunk[:nul]
+                return out.decode("utf-8", errors="surrogateescape")
+            out += chunk
+        raise KernelError(errno.ENAMETOOLONG, f"{what} is longer than {limit} bytes")
+
+    def read_optional(self, addr: int, limit: int = PATH_MAX, what: str = "string") -> str | None:
+        return None if addr == 0 else self.read_cstring(addr, limit, what)
+
+    @contextlib.contextmanager
+    def as_caller(self) -> Iterator[None]:
+        """Run file system checks with the task's fs ids and groups, none of the supervisor's rights.
+
+        Leaving fsuid 0 clears CAP_DAC_OVERRIDE and friends from the effective set, so the
+        kernel judges every lookup and open exactly as for the caller's host ids. The
+        supervisor is single-threaded, so the switch affects nothing else.
+        """
+        assert self.creds is not None
+        saved_groups = os.getgroups()
+        os.setgroups(list(self.creds.groups))
+        sys_.setfsgid(self.creds.fsgid)
+        sys_.setfsuid(self.creds.fsuid)
+        try:
+            yield
+        finally:
+            sys_.setfsuid(0)
+            sys_.setfsgid(0)
+            os.setgroups(saved_groups)
+
+    def resolve(self, path: str, *, follow_last: bool = True) -> Resolved:
+        """Resolve a path the task passed, inside its root and relative to its cwd, with its rights."""
+        with self.as_caller():
+            return resolve(self.root, absolute(path, self.cwd_path), follow_last=follow_last)
+
+    def close(self) -> None:
+        while self._fds:
+            os.close(self._fds.pop())
+
+    def __enter__(self) -> Target:
+        try:
+            return self.pin()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _relative_to_root(cwd: str, root: str) -> str:
+    """The cwd as the task names it: /proc shows it relative to the namespace, not to a chroot."""
+    if cwd.endswith(" (deleted)"):
+        raise KernelError(errno.ENOENT, "the caller's working directory was deleted")
+    if root == "/":
+        return cwd
+    if cwd == root:
+        return "/"
+    if cwd.startswith(root + "/"):
+        return cwd[len(root) :]
+    raise KernelError(errno.ENOENT, "the caller's working directory is outside its root")
