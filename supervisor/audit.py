@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import IO, Any
+from typing import Any, TextIO
 
 import structlog
 
 AUDIT_EVENT = "mount-decision"
 
 
-def configure(stream: IO[str] | None = None, level: int = logging.INFO) -> None:
+def configure(stream: TextIO | None = None, level: int = logging.INFO) -> None:
     """Send JSON lines to `stream` (stderr by default): audit records and the few operational events.
 
     Mount data can carry credentials, so it is logged only at debug level (``--verbose``).

@@ -55,13 +55,19 @@ class DeviceCgroup:
                 time.sleep(0.01)
 
 
+PARENT: Final = os.path.join(V1_ROOT, "mountwarden")
+
+
 def create(name: str) -> DeviceCgroup | None:
-    """A fresh device cgroup for one container, or None without the v1 devices controller."""
+    """A fresh device cgroup for one container, or None without the v1 devices controller.
+
+    The directory is named after the supervisor's pid, so `collect_stale` can tell the
+    cgroups of a supervisor that was killed (and could not remove them) from live ones.
+    """
     if not os.path.isfile(os.path.join(V1_ROOT, "devices.allow")):
         return None
-    parent = os.path.join(V1_ROOT, "mountwarden")
-    os.makedirs(parent, exist_ok=True)
-    path = os.path.join(parent, name)
+    os.makedirs(PARENT, exist_ok=True)
+    path = os.path.join(PARENT, f"{os.getpid()}.{name}")
     os.mkdir(path)
     group = DeviceCgroup(path)
     try:
@@ -74,3 +80,16 @@ def create(name: str) -> DeviceCgroup | None:
             os.rmdir(path)
         raise
     return group
+
+
+def collect_stale() -> list[str]:
+    """Remove the empty cgroups of supervisors that are gone; returns what was removed."""
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.listdir(PARENT):
+            owner = entry.split(".", 1)[0]
+            if owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
+                with contextlib.suppress(OSError):  # EBUSY: tasks still inside, leave it
+                    os.rmdir(os.path.join(PARENT, entry))
+                    removed.append(entry)
+    return removed

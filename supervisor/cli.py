@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import signal
 import sys
 from collections.abc import Iterator, Sequence
-from typing import IO
+from typing import TextIO
 
 from . import audit, idmap
+from . import cgroup as cgroups
 from . import syscalls as s
 from .container import FORWARDED, Container, ContainerError, Spec
-from .policy import PolicyError, load_policy
+from .policy import Policy, PolicyError, load_policy
 from .seccomp import notify
 from .server import run_until_exit
 from .session import Session
@@ -32,12 +34,17 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mountwarden", description="Mount disk images for unprivileged containers.")
     sub = parser.add_subparsers()
     run = sub.add_parser("run", help="run a command in a new container under the supervisor")
-    run.add_argument("--policy", action="append", default=[], metavar="FILE", help="policy file or directory (repeatable)")
+    run.add_argument(
+        "--policy", action="append", default=[], metavar="FILE", help="policy file or directory (repeatable)"
+    )
     run.add_argument("--rootfs", metavar="DIR", help="pivot the container into DIR")
     run.add_argument("--name", default=None, help="container name (hostname, audit records)")
     run.add_argument("--audit-log", metavar="FILE", help="append audit records here instead of stderr")
+    run.add_argument("-v", "--verbose", action="store_true", help="also log mount data (may hold credentials)")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARG]...")
     run.set_defaults(func=cmd_run)
+    gc = sub.add_parser("gc", help="remove what killed supervisors left behind")
+    gc.set_defaults(func=cmd_gc)
     policy = sub.add_parser("policy", help="policy tools").add_subparsers()
     check = policy.add_parser("check", help="validate policy files")
     check.add_argument("paths", nargs="+")
@@ -52,6 +59,12 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 1
     print(f"ok: {len(loaded.rules)} rules from {len(loaded.files)} files")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    for entry in cgroups.collect_stale():
+        print(f"removed device cgroup {entry}")
     return 0
 
 
@@ -73,16 +86,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     name = args.name or f"mw-{os.getpid()}"
     with _audit_stream(args.audit_log) as stream:
-        audit.configure(stream)
+        audit.configure(stream, logging.DEBUG if args.verbose else logging.INFO)
         notify.check_sizes()
+        cgroups.collect_stale()
         spec = Spec(
-            command, name, idmap.reserve("/etc/subuid"), idmap.reserve("/etc/subgid"),
+            command,
+            name,
+            idmap.reserve("/etc/subuid"),
+            idmap.reserve("/etc/subgid"),
             os.path.abspath(args.rootfs) if args.rootfs else None,
         )
         return _supervise(spec, policy)
 
 
-def _supervise(spec: Spec, policy: object) -> int:
+def _supervise(spec: Spec, policy: Policy) -> int:
     log = audit.logger(container=spec.name)
     signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
     sigfd = s.signalfd(list(FORWARDED))
@@ -92,7 +109,7 @@ def _supervise(spec: Spec, policy: object) -> int:
         print(f"mountwarden run: {exc}", file=sys.stderr)
         os.close(sigfd)
         return 126
-    session = Session(spec.name, container.listener, container.init_pid, policy, log)  # type: ignore[arg-type]
+    session = Session(spec.name, container.listener, container.init_pid, policy, log)
 
     def forward() -> None:
         while (sig := s.read_signal(sigfd)) is not None:
@@ -115,7 +132,7 @@ def _supervise(spec: Spec, policy: object) -> int:
 
 
 @contextlib.contextmanager
-def _audit_stream(path: str | None) -> Iterator[IO[str]]:
+def _audit_stream(path: str | None) -> Iterator[TextIO]:
     if path is None:
         yield sys.stderr
         return

@@ -67,7 +67,7 @@ class Container:
         try:
             with sup:
                 _expect(sup, "userns")
-                self.cgroup = cgroups.create(f"{spec.name}.{pid}")
+                self.cgroup = cgroups.create(spec.name)
                 if self.cgroup is not None:
                     self.cgroup.add(pid)
                 _write_maps(pid, spec)
@@ -195,6 +195,8 @@ def _init(spec: Spec, sock: socket.socket) -> NoReturn:  # pragma: no cover
         os._exit(126)
     command = os.fork()
     if command == 0:
+        for sig in FORWARDED:  # ignored in the waiter, and exec would pass SIG_IGN on
+            signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         try:
             os.execvp(spec.argv[0], spec.argv)
@@ -234,7 +236,12 @@ def _enter_rootfs(rootfs: str) -> None:  # pragma: no cover
     os.makedirs("dev/pts")
     s.mount("devpts", "dev/pts", "devpts", s.MS_NOSUID | s.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")
     os.symlink("pts/ptmx", "dev/ptmx")
-    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+    for name, target in (
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ):
         os.symlink(target, f"dev/{name}")
     os.makedirs("dev/shm")
     s.mount("tmpfs", "dev/shm", "tmpfs", s.MS_NOSUID | s.MS_NODEV, "mode=1777")

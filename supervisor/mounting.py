@@ -48,7 +48,9 @@ def create(driver: str, device: str, opts: MountOptions) -> DetachedMount:
                     s.fsconfig(fsfd, s.FSCONFIG_SET_FLAG, key)
             s.fsconfig(fsfd, s.FSCONFIG_CMD_CREATE)
         except KernelError as exc:
-            raise KernelError(exc.errno or 0, _context_log(fsfd) or f"{driver} refused the image ({exc.what})") from None
+            raise KernelError(
+                exc.errno or 0, _context_log(fsfd) or f"{driver} refused the image ({exc.what})"
+            ) from None
         mfd = s.fsmount(fsfd, opts.attr_flags)
     finally:
         os.close(fsfd)

@@ -27,23 +27,58 @@ _ATTR_FLAGS: Final = {
 }
 # Superblock flags: MS_* -> fsconfig flag key
 _SB_FLAGS: Final = {s.MS_SYNCHRONOUS: "sync", s.MS_DIRSYNC: "dirsync", s.MS_LAZYTIME: "lazytime"}
-# Flags that change nothing we must honour for a new mount.
-_IGNORED: Final = s.MS_SILENT | s.MS_REC | s.MS_MGC_MSK | s.MS_NOSYMFOLLOW | s.MS_MANDLOCK
+# Flags that change nothing we must honour (remount and bind select the operation, not options).
+_IGNORED: Final = s.MS_SILENT | s.MS_REC | s.MS_NOSYMFOLLOW | s.MS_MANDLOCK | s.MS_REMOUNT | s.MS_BIND
+_ATIME_PRECEDENCE: Final = ("strictatime", "noatime", "relatime")  # as the kernel resolves MS_* combinations
+SB_FLAG_NAMES: Final = ("sync", "dirsync", "lazytime")
+_SB_CLEAR: Final = {"async": "sync", "nolazytime": "lazytime"}
 OPTION_ATTRS: Final = {name: attr for name, attr in _ATTR_FLAGS.values()}
 FORCED: Final = ("nosuid", "nodev")
 
 _EXT = {
-    "acl", "noacl", "user_xattr", "nouser_xattr", "noload", "norecovery", "barrier", "nobarrier",
-    "discard", "nodiscard", "delalloc", "nodelalloc", "auto_da_alloc", "noauto_da_alloc",
-    "block_validity", "noblock_validity", "journal_checksum", "nojournal_checksum", "i_version",
-    "nombcache", "init_itable", "noinit_itable", "grpid", "bsdgroups", "nogrpid", "sysvgroups",
-    "dioread_lock", "dioread_nolock", "oldalloc", "orlov",
+    "acl",
+    "noacl",
+    "user_xattr",
+    "nouser_xattr",
+    "noload",
+    "norecovery",
+    "barrier",
+    "nobarrier",
+    "discard",
+    "nodiscard",
+    "delalloc",
+    "nodelalloc",
+    "auto_da_alloc",
+    "noauto_da_alloc",
+    "block_validity",
+    "noblock_validity",
+    "journal_checksum",
+    "nojournal_checksum",
+    "i_version",
+    "nombcache",
+    "init_itable",
+    "noinit_itable",
+    "grpid",
+    "bsdgroups",
+    "nogrpid",
+    "sysvgroups",
+    "dioread_lock",
+    "dioread_nolock",
+    "oldalloc",
+    "orlov",
 }
 _EXT_VALUED = {
     "errors": {"continue", "remount-ro"},  # errors=panic would let a corrupt image panic the host
     "data": {"journal", "ordered", "writeback"},
-    "commit": None, "barrier": {"0", "1"}, "sb": None, "stripe": None, "inode_readahead_blks": None,
-    "max_batch_time": None, "min_batch_time": None, "journal_ioprio": None, "auto_da_alloc": {"0", "1"},
+    "commit": None,
+    "barrier": {"0", "1"},
+    "sb": None,
+    "stripe": None,
+    "inode_readahead_blks": None,
+    "max_batch_time": None,
+    "min_batch_time": None,
+    "journal_ioprio": None,
+    "auto_da_alloc": {"0", "1"},
 }
 # option -> allowed values (None: any number). Anything absent is refused, e.g. ext4's
 # journal_path= and erofs' device=, which would open host paths with the supervisor's rights.
@@ -52,7 +87,10 @@ SAFE_OPTIONS: Final[dict[str, tuple[set[str], dict[str, set[str] | None]]]] = {
     "ext3": (_EXT, _EXT_VALUED),
     "ext4": (_EXT, _EXT_VALUED),
     "squashfs": (set(), {"errors": {"continue"}, "threads": {"single", "multi", "percpu"}}),
-    "erofs": ({"user_xattr", "nouser_xattr", "acl", "noacl"}, {"cache_strategy": {"disabled", "readahead", "readaround"}}),
+    "erofs": (
+        {"user_xattr", "nouser_xattr", "acl", "noacl"},
+        {"cache_strategy": {"disabled", "readahead", "readaround"}},
+    ),
 }
 
 
@@ -66,9 +104,10 @@ class MountOptions:
     fs_options: tuple[str, ...] = ()  # filesystem-specific "key" or "key=value"
 
     def with_forced(self, extra: tuple[str, ...]) -> MountOptions:
-        """Add the always-forced nosuid,nodev and whatever policy forces (e.g. ro, noexec)."""
-        attrs = set(self.attrs) | set(FORCED) | {o for o in extra if o in OPTION_ATTRS}
-        return MountOptions(self.read_only or "ro" in extra, frozenset(attrs), self.sb_flags, self.fs_options)
+        """Add the always-forced nosuid,nodev and whatever policy forces (ro, noexec, sync, ...)."""
+        attrs = _one_atime(set(self.attrs) | set(FORCED) | {o for o in extra if o in OPTION_ATTRS and o != "ro"})
+        sb = tuple(dict.fromkeys((*self.sb_flags, *(o for o in extra if o in SB_FLAG_NAMES))))
+        return MountOptions(self.read_only or "ro" in extra, frozenset(attrs), sb, self.fs_options)
 
     @property
     def attr_flags(self) -> int:
@@ -85,32 +124,39 @@ class MountOptions:
 
 def parse(flags: int, data: str | None) -> MountOptions:
     """Split a mount(2) request into flags and fs options; the data string is untrusted text."""
+    flags &= 0xFFFFFFFF  # MS_* is a 32-bit space; the kernel ignores the upper half of the long
     if flags & s.MS_MGC_MSK == s.MS_MGC_VAL:
         flags &= ~s.MS_MGC_MSK
-    read_only = bool(flags & s.MS_RDONLY)
-    attrs = {name for bit, (name, _) in _ATTR_FLAGS.items() if flags & bit and name != "ro"}
-    sb = [key for bit, key in _SB_FLAGS.items() if flags & bit]
     known = s.MS_RDONLY | _IGNORED
     for bit in (*_ATTR_FLAGS, *_SB_FLAGS):
         known |= bit
-    if flags & ~known & 0xFFFFFFFF:
+    if flags & ~known:
         raise KernelError(errno.EINVAL, f"unsupported mount flags {flags & ~known:#x}")
+    read_only = bool(flags & s.MS_RDONLY)
+    attrs = {name for bit, (name, _) in _ATTR_FLAGS.items() if flags & bit and name != "ro"}
+    sb = [key for bit, key in _SB_FLAGS.items() if flags & bit]
     fs_options: list[str] = []
     for item in (data or "").split(","):
         item = item.strip()
-        if not item:
+        if not item or item in ("defaults", "loop") or item.startswith("loop="):
             continue
         if item in ("ro", "rw"):
             read_only = item == "ro"
         elif item in OPTION_ATTRS:
             attrs.add(item)
-        elif item in ("sync", "dirsync", "lazytime"):
+        elif item in SB_FLAG_NAMES:
             sb.append(item)
-        elif item in ("async", "defaults", "nolazytime", "loop") or item.startswith("loop="):
-            continue
+        elif item in _SB_CLEAR:
+            sb = [f for f in sb if f != _SB_CLEAR[item]]
         else:
             fs_options.append(item)
-    return MountOptions(read_only, frozenset(attrs), tuple(dict.fromkeys(sb)), tuple(fs_options))
+    return MountOptions(read_only, frozenset(_one_atime(attrs)), tuple(dict.fromkeys(sb)), tuple(fs_options))
+
+
+def _one_atime(attrs: set[str]) -> set[str]:
+    """Keep a single atime mode: mount_setattr and fsmount refuse two at once."""
+    chosen = next((a for a in _ATIME_PRECEDENCE if a in attrs), None)
+    return {a for a in attrs if a not in _ATIME_PRECEDENCE or a == chosen}
 
 
 def check_fs_options(fstype: str, options: tuple[str, ...]) -> None:
@@ -122,6 +168,6 @@ def check_fs_options(fstype: str, options: tuple[str, ...]) -> None:
             continue
         if eq and key in valued:
             allowed = valued[key]
-            if allowed is None and value.isdigit() or allowed is not None and value in allowed:
+            if allowed is None and value.isascii() and value.isdigit() or allowed is not None and value in allowed:
                 continue
         raise KernelError(errno.EPERM, f"mount option '{opt}' is not allowed for {fstype}")

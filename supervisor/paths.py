@@ -47,63 +47,65 @@ def absolute(path: str, cwd: str) -> str:
     return path if path.startswith("/") else f"{cwd.rstrip('/')}/{path}"
 
 
-def resolve(root_fd: int, path: str, *, follow_last: bool = True) -> Resolved:
-    """Walk `path` (absolute, in the container's terms) from `root_fd` without leaving it.
+def resolve(root_fd: int, path: str, *, cwd: str = "/", follow_last: bool = True) -> Resolved:
+    """Walk `path` from `root_fd` (relative paths from `cwd`, a canonical path) without leaving it.
 
     Raises KernelError with the errno the kernel's own lookup would give (ENOENT, ENOTDIR,
-    ELOOP, EACCES, ENAMETOOLONG).
+    ELOOP, EACCES, ENAMETOOLONG). A trailing slash demands a directory and follows a final link.
     """
     if not path:
         raise KernelError(errno.ENOENT, "empty path")
-    if len(path) >= PATH_MAX:
+    if len(os.fsencode(path)) >= PATH_MAX:
         raise KernelError(errno.ENAMETOOLONG, "path too long")
-    stack: list[tuple[str, int]] = [("", os.dup(root_fd))]
-    pending: deque[str] = deque(path.split("/"))
+    follow_last = follow_last or path.endswith("/")
+    stack: list[tuple[str, int, bool]] = [("", os.dup(root_fd), True)]
+    pending: deque[str] = deque(absolute(path, cwd).split("/"))
     links = 0
     try:
         while pending:
             name = pending.popleft()
-            if name in ("", "."):
+            if not name:
+                continue
+            if not stack[-1][2]:  # only a directory can be looked into, also for "." and ".."
+                raise KernelError(errno.ENOTDIR, "not a directory", _joined(stack))
+            if name == ".":
                 continue
             if name == "..":
                 if len(stack) > 1:
                     os.close(stack.pop()[1])
                 continue
-            if len(name.encode()) > 255:
+            if len(os.fsencode(name)) > 255:
                 raise KernelError(errno.ENAMETOOLONG, "path component too long", name)
-            parent = stack[-1][1]
             try:
-                fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+                fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=stack[-1][1])
             except OSError as exc:
                 raise KernelError(exc.errno or errno.EIO, "cannot look up", _joined(stack, name)) from None
-            st = os.fstat(fd)
-            is_last = not any(p not in ("", ".") for p in pending)
-            if stat.S_ISLNK(st.st_mode) and (follow_last or not is_last):
+            mode = os.fstat(fd).st_mode
+            is_last = not any(p for p in pending)
+            if stat.S_ISLNK(mode) and (follow_last or not is_last):
                 links += 1
                 try:
-                    target = os.readlink(name, dir_fd=parent)
+                    target = os.readlink("", dir_fd=fd)  # the link we opened, not whatever is there now
                 finally:
                     os.close(fd)
                 if links > MAX_SYMLINKS:
                     raise KernelError(errno.ELOOP, "too many levels of symbolic links", path)
                 if target.startswith("/"):
-                    for _, held in stack[1:]:
+                    for _, held, _ in stack[1:]:
                         os.close(held)
                     del stack[1:]
                 pending.extendleft(reversed(target.split("/")))
                 continue
-            if not is_last and not stat.S_ISDIR(st.st_mode):
-                os.close(fd)
-                raise KernelError(errno.ENOTDIR, "not a directory", _joined(stack, name))
-            stack.append((name, fd))
-        canonical = "/" + "/".join(n for n, _ in stack[1:])
+            stack.append((name, fd, stat.S_ISDIR(mode)))
+        if path.endswith("/") and not stack[-1][2]:
+            raise KernelError(errno.ENOTDIR, "not a directory", _joined(stack))
+        canonical = _joined(stack)
         final_fd = stack.pop()[1]
         return Resolved(final_fd, canonical, os.fstat(final_fd))
     finally:
-        for _, held in stack:
+        for _, held, _ in stack:
             os.close(held)
 
 
-def _joined(stack: list[tuple[str, int]], last: str) -> str:
-    names = [n for n, _ in stack[1:]] + ([last] if last else [])
-    return "/" + "/".join(names)
+def _joined(stack: list[tuple[str, int, bool]], last: str = "") -> str:
+    return "/" + "/".join([n for n, _, _ in stack[1:]] + ([last] if last else []))

@@ -230,9 +230,7 @@ _STATX_MNT_ID_OFFSET: Final = 0x90
 def mount_id(fd: int) -> int:
     """The id of the mount `fd` is on (statx STATX_MNT_ID); works without a /proc of our own."""
     buf = ctypes.create_string_buffer(_STATX_SIZE)
-    _check(
-        _libc.statx(ctypes.c_int(fd), b"", ctypes.c_int(AT_EMPTY_PATH), ctypes.c_uint(STATX_MNT_ID), buf), "statx"
-    )
+    _check(_libc.statx(ctypes.c_int(fd), b"", ctypes.c_int(AT_EMPTY_PATH), ctypes.c_uint(STATX_MNT_ID), buf), "statx")
     mask = int.from_bytes(buf.raw[0:4], "little")
     if not mask & STATX_MNT_ID:
         raise KernelError(38, "statx does not report mount ids on this kernel")

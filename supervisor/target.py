@@ -17,7 +17,7 @@ from typing import Final
 
 from . import syscalls as sys_
 from .errors import KernelError
-from .paths import PATH_MAX, Resolved, absolute, resolve
+from .paths import PATH_MAX, Resolved, resolve
 from .seccomp import notify
 
 CAP_DAC_OVERRIDE: Final = 1
@@ -151,7 +151,7 @@ class Target:
     def resolve(self, path: str, *, follow_last: bool = True) -> Resolved:
         """Resolve a path the task passed, inside its root and relative to its cwd, with its rights."""
         with self.as_caller():
-            return resolve(self.root, absolute(path, self.cwd_path), follow_last=follow_last)
+            return resolve(self.root, path, cwd=self.cwd_path, follow_last=follow_last)
 
     def close(self) -> None:
         while self._fds:

@@ -33,9 +33,7 @@ def policy_from(tmp_path: Path, text: str) -> Policy:
     return load_policy([write(tmp_path, "policy.yaml", text)])
 
 
-def request(
-    source: str = "/srv/img/data.ext4", target: str = "/mnt", fstype: str = "ext4"
-) -> MountRequest:
+def request(source: str = "/srv/img/data.ext4", target: str = "/mnt", fstype: str = "ext4") -> MountRequest:
     return MountRequest(source=source, target=target, fstype=fstype, read_only=False)
 
 
@@ -87,9 +85,7 @@ def test_images_example_allows_read_only(source: str, target: str, fstype: str) 
     ],
 )
 def test_images_example_denies_the_rest(source: str, target: str, fstype: str) -> None:
-    decision = load_policy([POLICIES / "examples" / "images.yaml"]).evaluate(
-        request(source, target, fstype)
-    )
+    decision = load_policy([POLICIES / "examples" / "images.yaml"]).evaluate(request(source, target, fstype))
     assert (decision.rule, decision.action, decision.errno) == ("no-other-mounts", "deny", 1)
     assert decision.options == ()
     assert source in decision.reason
@@ -343,16 +339,12 @@ def test_unknown_rule_and_match_keys(tmp_path: Path) -> None:
     first, second = message.splitlines()
     assert first.startswith(f"{path}:5:5: rules[0].matches: unknown key 'matches'; use one of:")
     assert "name, match, action, options, errno" in first
-    assert second == (
-        f"{path}:7:25: rules[1].match.fs: unknown key 'fs'; use one of: source, target, fstype"
-    )
+    assert second == (f"{path}:7:25: rules[1].match.fs: unknown key 'fs'; use one of: source, target, fstype")
 
 
 def test_bad_action(tmp_path: Path) -> None:
     path, message = bad(tmp_path, "version: 1\nrules:\n  - name: a\n    action: mount\n")
-    assert message == (
-        f"{path}:4:13: rules[0].action: 'mount' is not allowed; use one of: kernel, deny"
-    )
+    assert message == (f"{path}:4:13: rules[0].action: 'mount' is not allowed; use one of: kernel, deny")
 
 
 def test_missing_key_points_at_the_mapping(tmp_path: Path) -> None:
@@ -361,9 +353,7 @@ def test_missing_key_points_at_the_mapping(tmp_path: Path) -> None:
 
 
 def test_bad_errno_name(tmp_path: Path) -> None:
-    path, message = bad(
-        tmp_path, "version: 1\nrules:\n  - {name: a, action: deny, errno: ENOTREAL}\n"
-    )
+    path, message = bad(tmp_path, "version: 1\nrules:\n  - {name: a, action: deny, errno: ENOTREAL}\n")
     assert message.startswith(f"{path}:3:36: rules[0].errno: 'ENOTREAL' is not an errno name")
     assert "EPERM" in message
 
@@ -374,23 +364,17 @@ def test_errno_number_is_not_a_name(tmp_path: Path) -> None:
 
 
 def test_options_on_deny(tmp_path: Path) -> None:
-    path, message = bad(
-        tmp_path, "version: 1\nrules:\n  - name: a\n    action: deny\n    options: [ro]\n"
-    )
+    path, message = bad(tmp_path, "version: 1\nrules:\n  - name: a\n    action: deny\n    options: [ro]\n")
     assert message.startswith(f"{path}:5:14: rules[0].options: options only apply to action")
 
 
 def test_errno_on_kernel(tmp_path: Path) -> None:
-    path, message = bad(
-        tmp_path, "version: 1\nrules:\n  - name: a\n    action: kernel\n    errno: EIO\n"
-    )
+    path, message = bad(tmp_path, "version: 1\nrules:\n  - name: a\n    action: kernel\n    errno: EIO\n")
     assert message.startswith(f"{path}:5:12: rules[0].errno: errno only applies to action: deny")
 
 
 def test_unknown_mount_option(tmp_path: Path) -> None:
-    path, message = bad(
-        tmp_path, "version: 1\nrules:\n  - {name: a, action: kernel, options: [ro, rw]}\n"
-    )
+    path, message = bad(tmp_path, "version: 1\nrules:\n  - {name: a, action: kernel, options: [ro, rw]}\n")
     assert message.startswith(f"{path}:3:45: rules[0].options[1]: 'rw' is not allowed; use one")
     assert "noexec" in message
 
@@ -404,8 +388,7 @@ def test_duplicate_name_across_two_files(tmp_path: Path) -> None:
     )
     message = load_error([first, second])
     assert message == (
-        f"{second}:4:12: rules[1].name: 'same' is already used at {first}:3:11; "
-        "give each rule a unique name"
+        f"{second}:4:12: rules[1].name: 'same' is already used at {first}:3:11; give each rule a unique name"
     )
 
 
@@ -422,16 +405,11 @@ def test_relative_glob(tmp_path: Path) -> None:
             action: kernel
         """,
     )
-    assert message == (
-        f"{path}:6:24: rules[0].match.source[1]: 'srv/img/*' is not an absolute path; "
-        "start it with '/'"
-    )
+    assert message == (f"{path}:6:24: rules[0].match.source[1]: 'srv/img/*' is not an absolute path; start it with '/'")
 
 
 def test_glob_given_as_a_single_string_points_at_it(tmp_path: Path) -> None:
-    path, message = bad(
-        tmp_path, "version: 1\nrules:\n  - name: a\n    match: {target: 'mnt'}\n    action: deny\n"
-    )
+    path, message = bad(tmp_path, "version: 1\nrules:\n  - name: a\n    match: {target: 'mnt'}\n    action: deny\n")
     assert message.startswith(f"{path}:4:21: rules[0].match.target: 'mnt' is not an absolute")
 
 
@@ -445,9 +423,7 @@ def test_fstype_list_written_as_one_string(tmp_path: Path) -> None:
 
 
 def test_empty_match_list(tmp_path: Path) -> None:
-    path, message = bad(
-        tmp_path, "version: 1\nrules:\n  - {name: a, match: {source: []}, action: deny}\n"
-    )
+    path, message = bad(tmp_path, "version: 1\nrules:\n  - {name: a, match: {source: []}, action: deny}\n")
     assert message.startswith(f"{path}:3:31: rules[0].match.source: an empty list matches nothing")
 
 
@@ -496,16 +472,11 @@ def test_empty_file(tmp_path: Path, text: str) -> None:
 @pytest.mark.parametrize(("text", "shown"), [("- a\n", "a list"), ("just text\n", "'just text'")])
 def test_top_level_must_be_a_mapping(tmp_path: Path, text: str, shown: str) -> None:
     path, message = bad(tmp_path, text)
-    assert (
-        message
-        == f"{path}:1:1: {shown} is not a mapping; write a mapping with keys: version, rules"
-    )
+    assert message == f"{path}:1:1: {shown} is not a mapping; write a mapping with keys: version, rules"
 
 
 def test_duplicate_key(tmp_path: Path) -> None:
-    path, message = bad(
-        tmp_path, "version: 1\nrules:\n  - name: a\n    action: kernel\n    action: deny\n"
-    )
+    path, message = bad(tmp_path, "version: 1\nrules:\n  - name: a\n    action: kernel\n    action: deny\n")
     assert message == f"{path}:5:5: duplicate key 'action'; each key may appear once"
 
 

@@ -420,9 +420,7 @@ def mutated(draw: st.DrawFn, seeds: list[tuple[bytes, tuple[int, int]]]) -> byte
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
-def test_mutated_superblocks_never_raise(
-    fuzz_seeds: list[tuple[bytes, tuple[int, int]]], data: st.DataObject
-) -> None:
+def test_mutated_superblocks_never_raise(fuzz_seeds: list[tuple[bytes, tuple[int, int]]], data: st.DataObject) -> None:
     image = data.draw(mutated(fuzz_seeds))
     facts = probe_bytes(image)
     assert facts.size == len(image)

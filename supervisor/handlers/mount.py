@@ -33,8 +33,12 @@ USERNS_FILESYSTEMS: Final = frozenset(
 _FSTYPE_MAX: Final = 256
 _DATA_MAX: Final = 4096  # the kernel copies at most one page of mount data
 _PER_MOUNT: Final = (
-    s.MOUNT_ATTR_RDONLY | s.MOUNT_ATTR_NOSUID | s.MOUNT_ATTR_NODEV | s.MOUNT_ATTR_NOEXEC
-    | s.MOUNT_ATTR_NODIRATIME | s.MOUNT_ATTR__ATIME
+    s.MOUNT_ATTR_RDONLY
+    | s.MOUNT_ATTR_NOSUID
+    | s.MOUNT_ATTR_NODEV
+    | s.MOUNT_ATTR_NOEXEC
+    | s.MOUNT_ATTR_NODIRATIME
+    | s.MOUNT_ATTR__ATIME
 )
 
 
@@ -117,8 +121,16 @@ def _attach(
     finally:
         mnt.close()
     return MountRecord(
-        mnt.mnt_id, mnt.dev, mnt.root_ino, image.path, where.path, fstype, device.number,
-        opts.read_only, forced, rule,
+        mnt.mnt_id,
+        mnt.dev,
+        mnt.root_ino,
+        image.path,
+        where.path,
+        fstype,
+        device.number,
+        opts.read_only,
+        forced,
+        rule,
     )
 
 
@@ -127,7 +139,9 @@ def _open_image(t: Target, source: str, mode: int, resolved: Resolved | None = N
     image = resolved or t.resolve(source)
     try:
         if stat.S_ISBLK(image.st.st_mode):
-            raise KernelError(errno.EPERM, "block devices are not mounted for containers; mount the image file", image.path)
+            raise KernelError(
+                errno.EPERM, "block devices are not mounted for containers; mount the image file", image.path
+            )
         if not stat.S_ISREG(image.st.st_mode):
             raise KernelError(errno.ENOTBLK, "the source is not an image file", image.path)
         with t.as_caller():
@@ -135,7 +149,9 @@ def _open_image(t: Target, source: str, mode: int, resolved: Resolved | None = N
                 fd = os.open(f"/proc/self/fd/{image.fd}", mode | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
             except OSError as exc:
                 need = "read" if mode == os.O_RDONLY else "write"
-                raise KernelError(exc.errno or errno.EACCES, f"the container's user may not {need} the image", image.path) from None
+                raise KernelError(
+                    exc.errno or errno.EACCES, f"the container's user may not {need} the image", image.path
+                ) from None
     except BaseException:
         if resolved is None:
             image.close()

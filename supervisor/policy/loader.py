@@ -80,9 +80,7 @@ def _read(path: str) -> str:
     except OSError as exc:
         raise PolicyError(f"{path}: cannot read policy file: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
-        raise PolicyError(
-            f"{path}: byte {exc.start} is not UTF-8; save the file as UTF-8"
-        ) from None
+        raise PolicyError(f"{path}: byte {exc.start} is not UTF-8; save the file as UTF-8") from None
 
 
 def _compose(path: str, text: str) -> yaml.Node:

@@ -61,17 +61,14 @@ def _components(pattern: str) -> list[str]:
     if "" in parts:
         raise GlobSyntaxError(f"{pattern!r} has an empty component; remove the extra '/'")
     if "." in parts or ".." in parts:
-        raise GlobSyntaxError(
-            f"{pattern!r} contains '.' or '..', which canonical paths never do; write the path out"
-        )
+        raise GlobSyntaxError(f"{pattern!r} contains '.' or '..', which canonical paths never do; write the path out")
     return parts
 
 
 def _translate(pattern: str) -> str:
     """Regex source for `pattern`, matching a path with "/" written as the empty string."""
     return "".join(
-        _ANY_COMPONENTS if part == "**" else "/" + "".join(_translate_component(part))
-        for part in _components(pattern)
+        _ANY_COMPONENTS if part == "**" else "/" + "".join(_translate_component(part)) for part in _components(pattern)
     )
 
 
@@ -184,9 +181,7 @@ def _decide(rule: Rule, req: MountRequest) -> Decision:
         action="deny",
         errno=int(getattr(errno, name)),
         options=(),
-        reason=(
-            f"rule {rule.name!r} denies {_describe(req)} with {name}; change the policy to allow it"
-        ),
+        reason=(f"rule {rule.name!r} denies {_describe(req)} with {name}; change the policy to allow it"),
     )
 
 

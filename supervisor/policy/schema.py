@@ -82,9 +82,7 @@ def _as_list(value: object) -> object:
             {"value": show_value(value)},
         )
     if not value:
-        raise PydanticCustomError(
-            "empty_list", "an empty list matches nothing; remove the key to match anything"
-        )
+        raise PydanticCustomError("empty_list", "an empty list matches nothing; remove the key to match anything")
     return value
 
 
@@ -105,19 +103,14 @@ def _fstype(value: str) -> str:
     if not _FSTYPE_NAME.fullmatch(value):
         raise PydanticCustomError(
             "fstype_name",
-            "{value} is not a filesystem type name; "
-            "write one name per list item, like [ext4, squashfs]",
+            "{value} is not a filesystem type name; write one name per list item, like [ext4, squashfs]",
             {"value": repr(value)},
         )
     return value
 
 
 def _errno_name(value: object) -> object:
-    if not (
-        isinstance(value, str)
-        and value.startswith("E")
-        and isinstance(getattr(errno, value, None), int)
-    ):
+    if not (isinstance(value, str) and value.startswith("E") and isinstance(getattr(errno, value, None), int)):
         raise PydanticCustomError(
             "errno_name",
             "{value} is not an errno name; use one like EPERM, EACCES, EROFS or ENODEV",
@@ -128,9 +121,7 @@ def _errno_name(value: object) -> object:
 
 def _rule_name(value: str) -> str:
     if not value.strip():
-        raise PydanticCustomError(
-            "empty_name", "a rule name must not be empty; give the rule a short unique name"
-        )
+        raise PydanticCustomError("empty_name", "a rule name must not be empty; give the rule a short unique name")
     return value
 
 

@@ -36,7 +36,13 @@ LOOP_IOCTL_MASKS: Final = ((0xFFFFFFF0, 0x4C00), (0xFFFFFFFC, 0x4C80))
 NEW_MOUNT_API_SYSCALLS: Final = ("fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr")
 # A mount(2) with none of these creates a superblock.
 _NO_NEW_SB: Final = (
-    sys_.MS_REMOUNT | sys_.MS_BIND | sys_.MS_MOVE | sys_.MS_SHARED | sys_.MS_PRIVATE | sys_.MS_SLAVE | sys_.MS_UNBINDABLE
+    sys_.MS_REMOUNT
+    | sys_.MS_BIND
+    | sys_.MS_MOVE
+    | sys_.MS_SHARED
+    | sys_.MS_PRIVATE
+    | sys_.MS_SLAVE
+    | sys_.MS_UNBINDABLE
 )
 FOREIGN_ARCHES: Final = (sc.Arch.X86, sc.Arch.X32)
 

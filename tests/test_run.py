@@ -1,0 +1,351 @@
+"""`mountwarden run` end to end: a real unprivileged container mounting real images."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, allow_policy, mountwarden, read_audit, run_container, write_policy
+
+IMAGES_POLICY = REPO / "policies" / "examples" / "images.yaml"
+
+
+@pytest.fixture
+def mnt(workdir: Path) -> Path:
+    path = workdir / "mnt"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@pytest.mark.parametrize("fstype", ["ext4", "squashfs", "erofs"])
+def test_container_mounts_and_reads_image(
+    tmp_path: Path, images: dict[str, Path], mountcall: Path, mnt: Path, fstype: str
+) -> None:
+    script = REPO / "contrib" / "examples" / "mount_image.py"
+    run = run_container(
+        tmp_path,
+        ["/usr/bin/python3", "-c", script.read_text(), str(images[fstype]), str(mnt)],
+        policy=allow_policy(tmp_path),
+    )
+    assert run.returncode == 0, run.stderr
+    assert "pub.txt: public" in run.stdout
+    assert "nosuid,nodev" in run.stdout
+    mount, umount = run.decisions("mount")[0], run.decisions("umount2")[0]
+    assert mount["result"] == "OK" and mount["probed"] == fstype and mount["rule"] == "allow-test"
+    assert mount["loop"].startswith("/dev/loop") and isinstance(mount["latency_us"], float)
+    assert umount["result"] == "OK" and umount["action"] == "unmount"
+
+
+def test_mount_as_unprivileged_host_uid_in_new_namespaces(tmp_path: Path, mountcall: Path) -> None:
+    run = run_container(tmp_path, ["/bin/sh", "-c", "cat /proc/self/uid_map; readlink /proc/self/ns/mnt; echo $$"])
+    assert run.returncode == 0, run.stderr
+    uid_map, mntns, pid = run.stdout.split("\n")[:3]
+    assert uid_map.split()[:2] == ["0", "100000"] or int(uid_map.split()[1]) >= 100000
+    assert mntns != os.readlink("/proc/self/ns/mnt")
+    assert pid == "2"  # pid 1 is the container's init, the command runs under it
+
+
+def test_denied_mount_gets_errno_and_audit_line(
+    tmp_path: Path, images: dict[str, Path], mountcall: Path, mnt: Path
+) -> None:
+    policy = write_policy(tmp_path / "deny.yaml", [{"name": "nothing", "action": "deny", "errno": "EACCES"}])
+    run = run_container(tmp_path, [str(mountcall), "mount", str(images["ext4"]), str(mnt), "ext4", "ro"], policy=policy)
+    assert run.stdout.strip() == "EACCES"
+    (decision,) = run.decisions("mount")
+    assert decision["rule"] == "nothing" and decision["action"] == "deny" and decision["result"] == "EACCES"
+    assert decision["pid"] > 0 and decision["container"]
+
+
+def test_no_matching_rule_is_eperm(tmp_path: Path, images: dict[str, Path], mountcall: Path, mnt: Path) -> None:
+    empty = write_policy(tmp_path / "empty.yaml", [])
+    run = run_container(tmp_path, [str(mountcall), "mount", str(images["ext4"]), str(mnt), "ext4", "ro"], policy=empty)
+    assert run.stdout.strip() == "EPERM"
+    assert "no rule matched" in run.decisions("mount")[0]["reason"]
+
+
+def test_policy_forces_read_only(tmp_path: Path, images: dict[str, Path], mountcall: Path, mnt: Path) -> None:
+    policy = allow_policy(tmp_path, options=["ro", "noexec"])
+    run = run_container(
+        tmp_path,
+        [
+            str(mountcall),
+            "seq",
+            "mount",
+            str(images["ext4"]),
+            str(mnt),
+            "ext4",
+            "0",
+            ";",
+            "open",
+            f"{mnt}/pub.txt",
+            "w",
+        ],
+        policy=policy,
+    )
+    assert run.stdout.split() == ["OK", "EROFS"]
+    assert run.decisions("mount")[0]["options"].startswith("ro,")
+
+
+def test_mount_is_invisible_on_host_and_released_at_exit(
+    tmp_path: Path, images: dict[str, Path], mountcall: Path, mnt: Path
+) -> None:
+    log = tmp_path / "audit.log"
+    cmd = mountwarden(
+        "run",
+        "--audit-log",
+        str(log),
+        "--policy",
+        str(allow_policy(tmp_path)),
+        "--",
+        str(mountcall),
+        "seq",
+        "mount",
+        str(images["ext4"]),
+        str(mnt),
+        "ext4",
+        "ro",
+        ";",
+        "wait",
+    )
+    with subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout and proc.stdin
+        assert proc.stdout.readline().strip() == "OK"
+        assert proc.stdout.readline().strip() == "READY"
+        loop = str(wait_for_audit(log)[0]["loop"])
+        assert not any(str(mnt) in line for line in open("/proc/self/mounts"))
+        assert os.path.exists(f"/sys/block/{loop[5:]}/loop/backing_file")
+        proc.stdin.write("\n")
+        proc.stdin.close()
+        assert proc.wait(timeout=30) == 0
+
+
+@pytest.mark.parametrize("victim", ["command", "supervisor"])
+def test_sigkill_leaves_nothing_behind(
+    tmp_path: Path, images: dict[str, Path], mountcall: Path, mnt: Path, victim: str
+) -> None:
+    log = tmp_path / "audit.log"
+    cmd = mountwarden(
+        "run",
+        "--audit-log",
+        str(log),
+        "--policy",
+        str(allow_policy(tmp_path)),
+        "--",
+        str(mountcall),
+        "seq",
+        "mount",
+        str(images["squashfs"]),
+        str(mnt),
+        "squashfs",
+        "ro",
+        ";",
+        "wait",
+    )
+    with subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout
+        assert proc.stdout.readline().strip() == "OK"
+        assert proc.stdout.readline().strip() == "READY"
+        pid = wait_for_audit(log)[0]["pid"] if victim == "command" else proc.pid
+        os.kill(pid, signal.SIGKILL)
+        code = proc.wait(timeout=30)
+    assert code == (128 + signal.SIGKILL if victim == "command" else -signal.SIGKILL)
+    if victim == "supervisor":
+        # The kernel releases the container, mount and loop device; only the empty device
+        # cgroup directory needs the next `mountwarden run` or `mountwarden gc`.
+        deadline = time.monotonic() + 10
+        while not (gc := subprocess.run(mountwarden("gc"), capture_output=True, text=True)).stdout:
+            assert time.monotonic() < deadline, "gc found nothing to remove"
+            time.sleep(0.05)
+        assert "removed device cgroup" in gc.stdout
+    # no_leaks checks that the loop device, the mount, the helper and the container are gone
+
+
+def wait_for_audit(log: Path, timeout: float = 10) -> list[dict[str, object]]:
+    """The audit line is written right after the answer, so the container may be ahead of it."""
+    deadline = time.monotonic() + timeout
+    while not (records := read_audit(log)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return records
+
+
+def test_exit_status_and_signal_forwarding(tmp_path: Path) -> None:
+    assert run_container(tmp_path, ["/bin/sh", "-c", "exit 7"]).returncode == 7
+    cmd = mountwarden(
+        "run", "--", "/bin/sh", "-c", "trap 'echo got-term; exit 42' TERM; echo up; while :; do sleep 0.05; done"
+    )
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout and proc.stdout.readline().strip() == "up"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 42
+        assert proc.stdout.read().strip() == "got-term"
+
+
+def test_missing_command_is_127(tmp_path: Path) -> None:
+    run = run_container(tmp_path, ["/nonexistent/program"])
+    assert run.returncode == 127 and "cannot run" in run.stderr
+
+
+def test_invalid_policy_is_rejected_with_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nrules:\n  - name: x\n    action: mount\n")
+    marker = tmp_path / "started"
+    run = run_container(tmp_path, ["/bin/touch", str(marker)], policy=bad)
+    assert run.returncode == 2
+    assert f"{bad}:4:" in run.stderr and "kernel" in run.stderr
+    assert not marker.exists()
+
+
+def test_unreadable_image_is_refused_even_when_policy_allows(
+    tmp_path: Path, images: dict[str, Path], mountcall: Path, mnt: Path, workdir: Path
+) -> None:
+    secret = workdir / "img" / "secret.ext4"
+    secret.write_bytes(images["ext4"].read_bytes())
+    secret.chmod(0o600)
+    try:
+        run = run_container(
+            tmp_path, [str(mountcall), "mount", str(secret), str(mnt), "ext4", "ro"], policy=allow_policy(tmp_path)
+        )
+    finally:
+        secret.unlink()
+    assert run.stdout.strip() == "EACCES"
+    assert "may not read" in run.decisions("mount")[0]["error"]
+
+
+def test_read_write_needs_write_access(tmp_path: Path, images: dict[str, Path], mountcall: Path, mnt: Path) -> None:
+    run = run_container(
+        tmp_path, [str(mountcall), "mount", str(images["ext4"]), str(mnt), "ext4", "0"], policy=allow_policy(tmp_path)
+    )
+    assert run.stdout.strip() == "EACCES"  # 0644 root-owned: readable, not writable, by the container
+    assert "may not write" in run.decisions("mount")[0]["error"]
+
+
+def test_wrong_fstype_and_non_image_sources(
+    tmp_path: Path, images: dict[str, Path], mountcall: Path, mnt: Path
+) -> None:
+    cmd = [
+        str(mountcall),
+        "seq",
+        "mount",
+        str(images["squashfs"]),
+        str(mnt),
+        "ext4",
+        "ro",
+        ";",
+        "mount",
+        "/etc/hostname",
+        str(mnt),
+        "auto",
+        "ro",
+        ";",
+        "mount",
+        "/dev/null",
+        str(mnt),
+        "ext4",
+        "ro",
+        ";",
+        "mount",
+        str(images["ext4"]),
+        "/etc/hostname",
+        "ext4",
+        "ro",
+        ";",
+        "mount",
+        "/nonexistent",
+        str(mnt),
+        "ext4",
+        "ro",
+    ]
+    run = run_container(tmp_path, cmd, policy=allow_policy(tmp_path))
+    assert run.stdout.split() == ["EINVAL", "EINVAL", "ENOTBLK", "ENOTDIR", "ENOENT"]
+    assert "not ext4" in run.decisions("mount")[0]["error"]
+
+
+def test_dangerous_filesystem_options_are_refused(
+    tmp_path: Path, images: dict[str, Path], mountcall: Path, mnt: Path
+) -> None:
+    cmd = [
+        str(mountcall),
+        "seq",
+        "mount",
+        str(images["ext4"]),
+        str(mnt),
+        "ext4",
+        "ro",
+        "errors=panic",
+        ";",
+        "mount",
+        str(images["ext4"]),
+        str(mnt),
+        "ext4",
+        "ro",
+        "journal_path=/dev/vda",
+    ]
+    run = run_container(tmp_path, cmd, policy=allow_policy(tmp_path))
+    assert run.stdout.split() == ["EPERM", "EPERM"]
+
+
+def test_bad_pointers_and_unterminated_strings(tmp_path: Path, mountcall: Path) -> None:
+    run = run_container(tmp_path, [str(mountcall), "seq", "badptr", ";", "unterminated"], policy=allow_policy(tmp_path))
+    first, second = run.stdout.split()
+    assert first == "EFAULT" and second in ("ENAMETOOLONG", "EFAULT")
+    assert [d["result"] for d in run.decisions("mount")] == [first, second]
+
+
+def test_new_mount_api_is_enosys_and_userns_filesystems_stay_native(tmp_path: Path, mountcall: Path, mnt: Path) -> None:
+    cmd = [
+        str(mountcall),
+        "seq",
+        "fsopen",
+        "ext4",
+        ";",
+        "fsopen",
+        "tmpfs",
+        ";",
+        "mount",
+        "none",
+        str(mnt),
+        "tmpfs",
+        "0",
+        ";",
+        "umount",
+        str(mnt),
+    ]
+    run = run_container(tmp_path, cmd, policy=write_policy(tmp_path / "p.yaml", []))
+    assert run.stdout.split() == ["ENOSYS", "ENOSYS", "OK", "OK"]
+    mount, umount = run.decisions("mount")[0], run.decisions("umount2")[0]
+    assert mount["result"] == "CONTINUE" and mount["action"] == "kernel-native"
+    assert umount["result"] == "CONTINUE"
+
+
+def test_i386_abi_is_intercepted_too(tmp_path: Path, images: dict[str, Path], mountcall: Path, mnt: Path) -> None:
+    cmd = [
+        str(mountcall),
+        "seq",
+        "mount32",
+        str(images["erofs"]),
+        str(mnt),
+        "erofs",
+        "ro",
+        ";",
+        "open",
+        f"{mnt}/pub.txt",
+        "r",
+    ]
+    run = run_container(tmp_path, cmd, policy=allow_policy(tmp_path))
+    assert run.stdout.split() == ["OK", "OK"]  # natively an unprivileged user namespace cannot mount erofs
+    assert run.decisions("mount")[0]["abi"] == "i386"
+    denied = run_container(tmp_path, cmd[:7], policy=write_policy(tmp_path / "p.yaml", []))
+    assert denied.stdout.split() == ["EPERM"] and denied.decisions("mount")[0]["abi"] == "i386"
+
+
+def test_non_root_container_user_cannot_mount(
+    tmp_path: Path, images: dict[str, Path], mountcall: Path, mnt: Path
+) -> None:
+    cmd = [str(mountcall), "exec-as", "1000", str(mountcall), "mount", str(images["ext4"]), str(mnt), "ext4", "ro"]
+    run = run_container(tmp_path, cmd, policy=allow_policy(tmp_path))
+    assert run.stdout.strip() == "EPERM"
+    assert "CAP_SYS_ADMIN" in run.decisions("mount")[0]["error"]

@@ -1,0 +1,131 @@
+"""The walls: forced nosuid,nodev that survive remounts, and paths that cannot leave the container's root."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import allow_policy, build_image, make_tree, run_container, write_policy
+
+CONTAINER_UID = 1000
+OTHER_UID = 2000
+
+
+@pytest.fixture(scope="session")
+def hostile_image(workdir: Path, mountcall: Path, images: dict[str, Path]) -> Path:
+    """An ext4 image with a setuid program owned by container uid 1000 and a /dev/null node."""
+    src = make_tree(workdir / "hostile")
+    suid = src / "suid"
+    shutil.copy(mountcall, suid)
+    os.chown(suid, 100000 + CONTAINER_UID, 100000 + CONTAINER_UID)
+    suid.chmod(0o4755)
+    os.mknod(src / "null", 0o20666, os.makedev(1, 3))
+    return build_image("ext4", src, workdir / "img" / "hostile.ext4")
+
+
+@pytest.fixture
+def mnt(workdir: Path) -> Path:
+    path = workdir / "mnt"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def _sh(*lines: str) -> list[str]:
+    return ["/bin/sh", "-c", "; ".join(lines)]
+
+
+def test_nosuid_nodev_hold_also_after_remount_and_setattr(
+    tmp_path: Path, hostile_image: Path, mountcall: Path, mnt: Path, workdir: Path
+) -> None:
+    mc, bind = str(mountcall), workdir / "bind"
+    bind.mkdir(exist_ok=True)
+    script = _sh(
+        f"{mc} mount {hostile_image} {mnt} ext4 ro",
+        f"{mc} open {mnt}/null rw",
+        f"{mc} exec-as {OTHER_UID} {mnt}/suid euid",
+        f"{mc} mount - {mnt} - remount,bind",
+        f"{mc} setattr-clear {mnt}",
+        f"{mc} open {mnt}/null rw",
+        f"{mc} exec-as {OTHER_UID} {mnt}/suid euid",
+        f"{mc} mount {mnt} {bind} - bind",  # native: binds keep the flags
+        f"{mc} mount - {bind} - remount,bind",
+        f"{mc} open {bind}/null rw",
+        f"grep -c ' {mnt} .*nosuid,nodev' /proc/self/mountinfo",
+        f"grep -c ' {bind} .*nosuid,nodev' /proc/self/mountinfo",
+        f"stat -c '%a %u' {mnt}/suid",
+    )
+    run = run_container(tmp_path, script, policy=allow_policy(tmp_path))
+    assert run.stdout.splitlines() == [
+        "OK",
+        "EACCES",
+        f"OK {OTHER_UID}",  # nodev: the node does not open; nosuid: euid unchanged
+        "OK",
+        "ENOSYS",
+        "EACCES",
+        f"OK {OTHER_UID}",
+        "OK",
+        "OK",
+        "EACCES",
+        "1",
+        "1",
+        f"4755 {CONTAINER_UID}",  # the bits are there; they just give nothing
+    ], run.stderr
+    remounts = [d for d in run.decisions("mount") if d.get("remount")]
+    assert [d["result"] for d in remounts] == ["OK", "OK"]
+    assert all("nosuid" in d["options"] and "nodev" in d["options"] for d in remounts)
+
+
+def test_remount_of_read_only_image_cannot_make_it_writable(
+    tmp_path: Path, images: dict[str, Path], mountcall: Path, mnt: Path
+) -> None:
+    mc = str(mountcall)
+    script = _sh(
+        f"{mc} mount {images['ext4']} {mnt} ext4 ro",
+        f"{mc} mount - {mnt} - remount",
+        f"{mc} mount - {mnt} - remount,bind",
+        f"{mc} open {mnt}/pub.txt w",
+    )
+    run = run_container(tmp_path, script, policy=allow_policy(tmp_path, options=["ro"]))
+    assert run.stdout.split() == ["OK", "EROFS", "OK", "EROFS"]
+
+
+@pytest.fixture(scope="session")
+def rootfs(workdir: Path, images: dict[str, Path], mountcall: Path) -> Path:
+    """A busybox root with an image inside and symlinks that try to lead outside."""
+    root = workdir / "rootfs"
+    for d in ("bin", "proc", "dev", "sys", "tmp", "mnt", "img"):
+        (root / d).mkdir(parents=True)
+    shutil.copy("/bin/busybox", root / "bin" / "busybox")
+    for tool in ("sh", "cat", "grep", "ls"):
+        (root / "bin" / tool).symlink_to("busybox")
+    shutil.copy(mountcall, root / "bin" / "mountcall")
+    shutil.copy(images["ext4"], root / "img" / "data.ext4")
+    (root / "abs-escape").symlink_to(images["ext4"].parent)  # absolute host path
+    (root / "rel-escape").symlink_to("../" * 12 + str(images["ext4"].parent).lstrip("/"))
+    (root / "mnt-escape").symlink_to("../" * 12 + "tmp")
+    subprocess.run(["chmod", "-R", "a+rX", str(root)], check=True)
+    return root
+
+
+def test_paths_cannot_escape_the_rootfs(tmp_path: Path, rootfs: Path, images: dict[str, Path]) -> None:
+    policy = write_policy(
+        tmp_path / "p.yaml",
+        [{"name": "rootfs-images", "match": {"source": "/img/*", "target": "/mnt/**"}, "action": "kernel"}],
+    )
+    script = _sh(
+        "mountcall mount /abs-escape/data.ext4 /mnt ext4 ro",
+        "mountcall mount /rel-escape/data.ext4 /mnt ext4 ro",
+        "mountcall mount /img/data.ext4 /mnt-escape ext4 ro",
+        "mountcall mount /img/data.ext4 /mnt/../../../.. ext4 ro",
+        "mountcall mount /img/../../../img/data.ext4 /mnt ext4 ro",
+        "cat /mnt/pub.txt",
+        "mountcall umount /mnt",
+    )
+    run = run_container(tmp_path, script, policy=policy, rootfs=rootfs)
+    assert run.stdout.split() == ["ENOENT", "ENOENT", "EPERM", "EPERM", "OK", "public", "OK"], run.stderr
+    decisions = run.decisions("mount")
+    assert decisions[2]["target"] == "/tmp" and decisions[3]["target"] == "/"
+    assert decisions[4]["source"] == "/img/data.ext4"
