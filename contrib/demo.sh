@@ -23,7 +23,7 @@ for image in /srv/img/data.ext4 /srv/img/data.squashfs /srv/img/data.erofs; do
     --audit-log "$demo/audit.log" -- /usr/bin/python3 "$demo/mount_image.py" "$image" /mnt
 done
 echo
-echo "== a mount the policy does not allow (/etc/hostname is no image under /srv/img):"
+echo "== a mount the policy does not allow (the target /tmp is outside /mnt/**):"
 "$repo/.venv/bin/mountwarden" run --name demo --policy "$repo/policies/examples/images.yaml" \
   --audit-log "$demo/audit.log" -- /usr/bin/python3 "$demo/mount_image.py" /srv/img/data.ext4 /tmp || true
 echo

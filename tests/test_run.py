@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import REPO, allow_policy, mountwarden, read_audit, run_container, write_policy
@@ -90,34 +93,31 @@ def test_policy_forces_read_only(tmp_path: Path, images: dict[str, Path], mountc
     assert run.decisions("mount")[0]["options"].startswith("ro,")
 
 
+@contextlib.contextmanager
+def mounted_and_waiting(
+    tmp_path: Path, image: Path, mnt: Path, mountcall: Path
+) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+    """A container that has mounted `image` on `mnt` and now sits waiting for a line on stdin."""
+    log = tmp_path / "audit.log"
+    policy = allow_policy(tmp_path)
+    fstype = image.suffix[1:]
+    cmd = mountwarden("run", "--audit-log", str(log), "--policy", str(policy), "--", str(mountcall),
+                      "seq", "mount", str(image), str(mnt), fstype, "ro", ";", "wait")  # fmt: skip
+    with subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout
+        assert proc.stdout.readline().strip() == "OK"
+        assert proc.stdout.readline().strip() == "READY"
+        yield proc, log
+
+
 def test_mount_is_invisible_on_host_and_released_at_exit(
     tmp_path: Path, images: dict[str, Path], mountcall: Path, mnt: Path
 ) -> None:
-    log = tmp_path / "audit.log"
-    cmd = mountwarden(
-        "run",
-        "--audit-log",
-        str(log),
-        "--policy",
-        str(allow_policy(tmp_path)),
-        "--",
-        str(mountcall),
-        "seq",
-        "mount",
-        str(images["ext4"]),
-        str(mnt),
-        "ext4",
-        "ro",
-        ";",
-        "wait",
-    )
-    with subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc:
-        assert proc.stdout and proc.stdin
-        assert proc.stdout.readline().strip() == "OK"
-        assert proc.stdout.readline().strip() == "READY"
+    with mounted_and_waiting(tmp_path, images["ext4"], mnt, mountcall) as (proc, log):
         loop = str(wait_for_audit(log)[0]["loop"])
         assert not any(str(mnt) in line for line in open("/proc/self/mounts"))
         assert os.path.exists(f"/sys/block/{loop[5:]}/loop/backing_file")
+        assert proc.stdin
         proc.stdin.write("\n")
         proc.stdin.close()
         assert proc.wait(timeout=30) == 0
@@ -127,30 +127,9 @@ def test_mount_is_invisible_on_host_and_released_at_exit(
 def test_sigkill_leaves_nothing_behind(
     tmp_path: Path, images: dict[str, Path], mountcall: Path, mnt: Path, victim: str
 ) -> None:
-    log = tmp_path / "audit.log"
-    cmd = mountwarden(
-        "run",
-        "--audit-log",
-        str(log),
-        "--policy",
-        str(allow_policy(tmp_path)),
-        "--",
-        str(mountcall),
-        "seq",
-        "mount",
-        str(images["squashfs"]),
-        str(mnt),
-        "squashfs",
-        "ro",
-        ";",
-        "wait",
-    )
-    with subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc:
-        assert proc.stdout
-        assert proc.stdout.readline().strip() == "OK"
-        assert proc.stdout.readline().strip() == "READY"
+    with mounted_and_waiting(tmp_path, images["squashfs"], mnt, mountcall) as (proc, log):
         pid = wait_for_audit(log)[0]["pid"] if victim == "command" else proc.pid
-        os.kill(pid, signal.SIGKILL)
+        os.kill(int(pid), signal.SIGKILL)
         code = proc.wait(timeout=30)
     assert code == (128 + signal.SIGKILL if victim == "command" else -signal.SIGKILL)
     if victim == "supervisor":
@@ -164,7 +143,7 @@ def test_sigkill_leaves_nothing_behind(
     # no_leaks checks that the loop device, the mount, the helper and the container are gone
 
 
-def wait_for_audit(log: Path, timeout: float = 10) -> list[dict[str, object]]:
+def wait_for_audit(log: Path, timeout: float = 10) -> list[dict[str, Any]]:
     """The audit line is written right after the answer, so the container may be ahead of it."""
     deadline = time.monotonic() + timeout
     while not (records := read_audit(log)) and time.monotonic() < deadline:
@@ -349,3 +328,27 @@ def test_non_root_container_user_cannot_mount(
     run = run_container(tmp_path, cmd, policy=allow_policy(tmp_path))
     assert run.stdout.strip() == "EPERM"
     assert "CAP_SYS_ADMIN" in run.decisions("mount")[0]["error"]
+
+
+def test_loop_ioctls_are_intercepted_and_refused_with_enotty(tmp_path: Path, mountcall: Path) -> None:
+    """Natively these would also be ENOTTY on /dev/null: the audit lines prove interception,
+    including for a request with junk in the high 32 bits, which the kernel ignores."""
+    cmd = [
+        str(mountcall),
+        "seq",
+        "ioctl",
+        "/dev/null",
+        "0x4C82",
+        ";",
+        "ioctl",
+        "/dev/null",
+        "0x100004C00",
+        ";",
+        "ioctl",
+        "/dev/null",
+        "0x5401",
+    ]  # TCGETS: not a loop request, never reaches the supervisor
+    run = run_container(tmp_path, cmd)
+    assert run.stdout.split() == ["ENOTTY", "ENOTTY", "ENOTTY"]
+    assert [d["request"] for d in run.decisions("ioctl")] == ["0x4c82", "0x4c00"]
+    assert all(d["result"] == "ENOTTY" for d in run.decisions("ioctl"))

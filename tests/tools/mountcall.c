@@ -258,6 +258,25 @@ static int cmd_exec_as(int argc, char **argv)
 	return fail(err);
 }
 
+/* A raw ioctl with a full 64-bit request word on PATH: the filter must look at the low 32 bits only. */
+static int cmd_ioctl(int argc, char **argv)
+{
+	char *end;
+	(void)argc;
+	int fd = open(argv[0], O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return fail(errno);
+	errno = 0;
+	unsigned long long request = strtoull(argv[1], &end, 0);
+	if (errno || *end)
+		usage_error("bad request '%s'", argv[1]);
+	long rc = syscall(SYS_ioctl, fd, request, 0);
+	int err = errno;
+	close(fd);
+	errno = err;
+	return report_value(rc);
+}
+
 static int cmd_euid(int argc, char **argv)
 {
 	(void)argc;
@@ -299,6 +318,7 @@ static const struct command commands[] = {
 	{"unterminated", 0, 0, cmd_unterminated, "unterminated"},
 	{"open", 2, 2, cmd_open, "open PATH r|w|rw"},
 	{"exec-as", 2, -1, cmd_exec_as, "exec-as UID PATH [ARGS...]"},
+	{"ioctl", 2, 2, cmd_ioctl, "ioctl PATH REQUEST"},
 	{"euid", 0, 0, cmd_euid, "euid"},
 	{"wait", 0, 0, cmd_wait, "wait"},
 };
