@@ -199,3 +199,11 @@ def read_audit(log: Path) -> list[dict[str, Any]]:
     if not log.exists():
         return []
     return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
+def calls(mountcall: Path, *commands: str) -> list[str]:
+    """argv for the test tool running several calls in one process: calls(mc, "mount a b ext4 ro", "umount b")."""
+    argv = [str(mountcall), "seq"]
+    for i, command in enumerate(commands):
+        argv += [";"] * bool(i) + command.split()
+    return argv

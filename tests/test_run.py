@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, allow_policy, mountwarden, read_audit, run_container, write_policy
+from conftest import REPO, allow_policy, calls, mountwarden, read_audit, run_container, write_policy
 
 IMAGES_POLICY = REPO / "policies" / "examples" / "images.yaml"
 
@@ -73,21 +73,7 @@ def test_no_matching_rule_is_eperm(tmp_path: Path, images: dict[str, Path], moun
 def test_policy_forces_read_only(tmp_path: Path, images: dict[str, Path], mountcall: Path, mnt: Path) -> None:
     policy = allow_policy(tmp_path, options=["ro", "noexec"])
     run = run_container(
-        tmp_path,
-        [
-            str(mountcall),
-            "seq",
-            "mount",
-            str(images["ext4"]),
-            str(mnt),
-            "ext4",
-            "0",
-            ";",
-            "open",
-            f"{mnt}/pub.txt",
-            "w",
-        ],
-        policy=policy,
+        tmp_path, calls(mountcall, f"mount {images['ext4']} {mnt} ext4 0", f"open {mnt}/pub.txt w"), policy=policy
     )
     assert run.stdout.split() == ["OK", "EROFS"]
     assert run.decisions("mount")[0]["options"].startswith("ro,")
@@ -101,8 +87,8 @@ def mounted_and_waiting(
     log = tmp_path / "audit.log"
     policy = allow_policy(tmp_path)
     fstype = image.suffix[1:]
-    cmd = mountwarden("run", "--audit-log", str(log), "--policy", str(policy), "--", str(mountcall),
-                      "seq", "mount", str(image), str(mnt), fstype, "ro", ";", "wait")  # fmt: skip
+    mount = calls(mountcall, f"mount {image} {mnt} {fstype} ro", "wait")
+    cmd = mountwarden("run", "--audit-log", str(log), "--policy", str(policy), "--", *mount)
     with subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc:
         assert proc.stdout
         assert proc.stdout.readline().strip() == "OK"
@@ -205,39 +191,15 @@ def test_read_write_needs_write_access(tmp_path: Path, images: dict[str, Path], 
 def test_wrong_fstype_and_non_image_sources(
     tmp_path: Path, images: dict[str, Path], mountcall: Path, mnt: Path
 ) -> None:
-    cmd = [
-        str(mountcall),
-        "seq",
-        "mount",
-        str(images["squashfs"]),
-        str(mnt),
-        "ext4",
-        "ro",
-        ";",
-        "mount",
-        "/etc/hostname",
-        str(mnt),
-        "auto",
-        "ro",
-        ";",
-        "mount",
-        "/dev/null",
-        str(mnt),
-        "ext4",
-        "ro",
-        ";",
-        "mount",
-        str(images["ext4"]),
-        "/etc/hostname",
-        "ext4",
-        "ro",
-        ";",
-        "mount",
-        "/nonexistent",
-        str(mnt),
-        "ext4",
-        "ro",
-    ]
+    sq, ext4 = images["squashfs"], images["ext4"]
+    cmd = calls(
+        mountcall,
+        f"mount {sq} {mnt} ext4 ro",
+        f"mount /etc/hostname {mnt} auto ro",
+        f"mount /dev/null {mnt} ext4 ro",
+        f"mount {ext4} /etc/hostname ext4 ro",
+        f"mount /nonexistent {mnt} ext4 ro",
+    )
     run = run_container(tmp_path, cmd, policy=allow_policy(tmp_path))
     assert run.stdout.split() == ["EINVAL", "EINVAL", "ENOTBLK", "ENOTDIR", "ENOENT"]
     assert "not ext4" in run.decisions("mount")[0]["error"]
@@ -246,53 +208,23 @@ def test_wrong_fstype_and_non_image_sources(
 def test_dangerous_filesystem_options_are_refused(
     tmp_path: Path, images: dict[str, Path], mountcall: Path, mnt: Path
 ) -> None:
-    cmd = [
-        str(mountcall),
-        "seq",
-        "mount",
-        str(images["ext4"]),
-        str(mnt),
-        "ext4",
-        "ro",
-        "errors=panic",
-        ";",
-        "mount",
-        str(images["ext4"]),
-        str(mnt),
-        "ext4",
-        "ro",
-        "journal_path=/dev/vda",
-    ]
+    ext4 = images["ext4"]
+    cmd = calls(
+        mountcall, f"mount {ext4} {mnt} ext4 ro errors=panic", f"mount {ext4} {mnt} ext4 ro journal_path=/dev/vda"
+    )
     run = run_container(tmp_path, cmd, policy=allow_policy(tmp_path))
     assert run.stdout.split() == ["EPERM", "EPERM"]
 
 
 def test_bad_pointers_and_unterminated_strings(tmp_path: Path, mountcall: Path) -> None:
-    run = run_container(tmp_path, [str(mountcall), "seq", "badptr", ";", "unterminated"], policy=allow_policy(tmp_path))
+    run = run_container(tmp_path, calls(mountcall, "badptr", "unterminated"), policy=allow_policy(tmp_path))
     first, second = run.stdout.split()
     assert first == "EFAULT" and second in ("ENAMETOOLONG", "EFAULT")
     assert [d["result"] for d in run.decisions("mount")] == [first, second]
 
 
 def test_new_mount_api_is_enosys_and_userns_filesystems_stay_native(tmp_path: Path, mountcall: Path, mnt: Path) -> None:
-    cmd = [
-        str(mountcall),
-        "seq",
-        "fsopen",
-        "ext4",
-        ";",
-        "fsopen",
-        "tmpfs",
-        ";",
-        "mount",
-        "none",
-        str(mnt),
-        "tmpfs",
-        "0",
-        ";",
-        "umount",
-        str(mnt),
-    ]
+    cmd = calls(mountcall, "fsopen ext4", "fsopen tmpfs", f"mount none {mnt} tmpfs 0", f"umount {mnt}")
     run = run_container(tmp_path, cmd, policy=write_policy(tmp_path / "p.yaml", []))
     assert run.stdout.split() == ["ENOSYS", "ENOSYS", "OK", "OK"]
     mount, umount = run.decisions("mount")[0], run.decisions("umount2")[0]
@@ -301,19 +233,7 @@ def test_new_mount_api_is_enosys_and_userns_filesystems_stay_native(tmp_path: Pa
 
 
 def test_i386_abi_is_intercepted_too(tmp_path: Path, images: dict[str, Path], mountcall: Path, mnt: Path) -> None:
-    cmd = [
-        str(mountcall),
-        "seq",
-        "mount32",
-        str(images["erofs"]),
-        str(mnt),
-        "erofs",
-        "ro",
-        ";",
-        "open",
-        f"{mnt}/pub.txt",
-        "r",
-    ]
+    cmd = calls(mountcall, f"mount32 {images['erofs']} {mnt} erofs ro", f"open {mnt}/pub.txt r")
     run = run_container(tmp_path, cmd, policy=allow_policy(tmp_path))
     assert run.stdout.split() == ["OK", "OK"]  # natively an unprivileged user namespace cannot mount erofs
     assert run.decisions("mount")[0]["abi"] == "i386"
@@ -333,21 +253,8 @@ def test_non_root_container_user_cannot_mount(
 def test_loop_ioctls_are_intercepted_and_refused_with_enotty(tmp_path: Path, mountcall: Path) -> None:
     """Natively these would also be ENOTTY on /dev/null: the audit lines prove interception,
     including for a request with junk in the high 32 bits, which the kernel ignores."""
-    cmd = [
-        str(mountcall),
-        "seq",
-        "ioctl",
-        "/dev/null",
-        "0x4C82",
-        ";",
-        "ioctl",
-        "/dev/null",
-        "0x100004C00",
-        ";",
-        "ioctl",
-        "/dev/null",
-        "0x5401",
-    ]  # TCGETS: not a loop request, never reaches the supervisor
+    # the last is TCGETS: not a loop request, it never reaches the supervisor
+    cmd = calls(mountcall, "ioctl /dev/null 0x4C82", "ioctl /dev/null 0x100004C00", "ioctl /dev/null 0x5401")
     run = run_container(tmp_path, cmd)
     assert run.stdout.split() == ["ENOTTY", "ENOTTY", "ENOTTY"]
     assert [d["request"] for d in run.decisions("ioctl")] == ["0x4c82", "0x4c00"]
