@@ -16,7 +16,7 @@ import os
 import signal
 import socket
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 
 from . import cgroup as cgroups
@@ -52,7 +52,6 @@ class Container:
     listener: int = -1
     cgroup: cgroups.DeviceCgroup | None = None
     exit_code: int | None = None
-    _fds: list[int] = field(default_factory=list)
 
     @classmethod
     def start(cls, spec: Spec) -> Container:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 AUDIT_ARCH_X86_64: Final = 0xC000003E
 AUDIT_ARCH_I386: Final = 0x40000003
 AUDIT_ARCH_AARCH64: Final = 0xC00000B7
+AUDIT_ARCH_ARM: Final = 0x40000028
 
 NATIVE_ARCH: Final = AUDIT_ARCH_AARCH64 if platform.machine() == "aarch64" else AUDIT_ARCH_X86_64
 
@@ -34,8 +35,16 @@ SYSCALLS: Final[dict[tuple[int, int], str]] = {
     (AUDIT_ARCH_AARCH64, 40): "mount",
     (AUDIT_ARCH_AARCH64, 39): "umount2",
     (AUDIT_ARCH_AARCH64, 29): "ioctl",
+    (AUDIT_ARCH_ARM, 21): "mount",
+    (AUDIT_ARCH_ARM, 52): "umount2",
+    (AUDIT_ARCH_ARM, 54): "ioctl",
 }
-ARCH_NAMES: Final = {AUDIT_ARCH_X86_64: "x86_64", AUDIT_ARCH_I386: "i386", AUDIT_ARCH_AARCH64: "aarch64"}
+ARCH_NAMES: Final = {
+    AUDIT_ARCH_X86_64: "x86_64",
+    AUDIT_ARCH_I386: "i386",
+    AUDIT_ARCH_AARCH64: "aarch64",
+    AUDIT_ARCH_ARM: "arm",
+}
 
 
 @dataclass

@@ -6,11 +6,9 @@ and the probe only ever reads them.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import random
 import shutil
-import stat
 import struct
 import subprocess
 from collections.abc import Callable, Iterator
@@ -21,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from supervisor.loop import attach
 from supervisor.probe import PROBE_BYTES, ImageFacts, kernel_driver, probe_fd
 
 UUID = "0f1e2d3c-4b5a-4978-8796-a5b4c3d2e1f0"
@@ -329,22 +328,25 @@ def test_reads_only_the_head_with_pread(images: Images, monkeypatch: pytest.Monk
     assert max(n + offset for n, offset in reads) <= PROBE_BYTES
 
 
-def test_block_device_size_comes_from_ioctl(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Block devices report st_size 0; the size must come from BLKGETSIZE64."""
-    requests: list[int] = []
-
-    def fake_fstat(fd: int) -> os.stat_result:
-        return os.stat_result((stat.S_IFBLK | 0o600, 0, 0, 1, 0, 0, 0, 0, 0, 0))
-
-    def fake_ioctl(fd: int, request: int, arg: bytes) -> bytes:
-        requests.append(request)
-        return struct.pack("=Q", 5 * MiB)
-
-    monkeypatch.setattr(os, "fstat", fake_fstat)
-    monkeypatch.setattr(fcntl, "ioctl", fake_ioctl)
-    with memfd(b"") as fd:
-        assert probe_fd(fd) == ImageFacts(None, 5 * MiB)
-    assert requests == [0x80081272]
+def test_block_device_size_comes_from_ioctl(images: Images) -> None:
+    """Block devices report st_size 0; the size must come from BLKGETSIZE64 (a real loop device)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to attach a loop device")
+    backing = os.open(images.path("ext4"), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        device = attach(backing, read_only=True)
+    finally:
+        os.close(backing)
+    try:
+        dev_fd = os.open(device.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            assert os.fstat(dev_fd).st_size == 0
+            facts = probe_fd(dev_fd)
+        finally:
+            os.close(dev_fd)
+    finally:
+        device.close()
+    assert (facts.fstype, facts.size) == ("ext4", images.path("ext4").stat().st_size)
 
 
 def test_unreadable_fd_raises_oserror(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import platform
 from typing import Final
 
 import pyseccomp as sc
@@ -44,7 +45,8 @@ _NO_NEW_SB: Final = (
     | sys_.MS_SLAVE
     | sys_.MS_UNBINDABLE
 )
-FOREIGN_ARCHES: Final = (sc.Arch.X86, sc.Arch.X32)
+# The other ABIs a task on this machine can enter the kernel through.
+FOREIGN_ARCHES: Final = {"x86_64": (sc.Arch.X86, sc.Arch.X32), "aarch64": (sc.Arch.ARM,)}.get(platform.machine(), ())
 
 SECCOMP_SET_MODE_FILTER: Final = 1
 SECCOMP_FILTER_FLAG_NEW_LISTENER: Final = 1 << 3
