@@ -106,7 +106,9 @@ def main() -> None:
         (work / "src").mkdir()
         (work / "src" / "file").write_text("bench\n")
         image, target = work / "bench.ext4", work / "mnt"
-        subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(work / "src"), str(image), "8M"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            ["mkfs.ext4", "-q", "-F", "-d", str(work / "src"), str(image), "8M"], check=True, stdout=subprocess.DEVNULL
+        )
         image.chmod(0o644)
         target.mkdir()
         policy = work / "policy.yaml"
