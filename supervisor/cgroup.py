@@ -1,9 +1,10 @@
-"""A device cgroup for the container, so nodev on the supervisor's mounts is not the only wall.
+"""Device cgroups for the container, so nodev on the supervisor's mounts is not the only wall.
 
-With the v1 devices controller the container's cgroup denies every device but the usual
-character devices; grants for the pool's loop devices and /dev/fuse are added later through
-`allow`. A host without the v1 controller (pure cgroup v2) gets no device cgroup yet, and
-`create` returns None so the caller can say so.
+The container's cgroups deny every device but the usual character devices; grants for the
+pool's loop devices and /dev/fuse are added later through `allow`. Both mechanisms are used
+where the host has them: the v1 devices controller (devices.allow) and, on the cgroup v2
+hierarchy, a BPF device program (`supervisor.devfilter`). A host with neither gets none, and
+`create` returns an empty list so the caller can say so.
 """
 
 from __future__ import annotations
@@ -12,33 +13,42 @@ import contextlib
 import errno
 import os
 import time
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
+
+from . import devfilter
 
 V1_ROOT: Final = "/sys/fs/cgroup/devices"
-BASE_ALLOW: Final = (
-    "c 1:3 rwm",  # null
-    "c 1:5 rwm",  # zero
-    "c 1:7 rwm",  # full
-    "c 1:8 rwm",  # random
-    "c 1:9 rwm",  # urandom
-    "c 5:0 rwm",  # tty
-    "c 5:2 rwm",  # ptmx
-    "c 136:* rwm",  # pts
+V2_ROOTS: Final = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
+GROUP: Final = "mountwarden"
+BASE_RULES: Final[tuple[devfilter.Rule, ...]] = (
+    ("c", 1, 3),  # null
+    ("c", 1, 5),  # zero
+    ("c", 1, 7),  # full
+    ("c", 1, 8),  # random
+    ("c", 1, 9),  # urandom
+    ("c", 5, 0),  # tty
+    ("c", 5, 2),  # ptmx
+    ("c", 136, None),  # pts
 )
 
 
-@dataclass
-class DeviceCgroup:
+class DeviceCgroup(Protocol):
     path: str
+
+    def add(self, pid: int) -> None: ...
+    def allow(self, rule: devfilter.Rule) -> None: ...
+    def remove(self, timeout: float = 5.0) -> None: ...
+
+
+class _Dir:
+    """A cgroup directory of ours: joined by writing cgroup.procs, removed once empty."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
 
     def add(self, pid: int) -> None:
         with open(os.path.join(self.path, "cgroup.procs"), "w") as f:
             f.write(str(pid))
-
-    def allow(self, rule: str) -> None:
-        with open(os.path.join(self.path, "devices.allow"), "w") as f:
-            f.write(rule)
 
     def remove(self, timeout: float = 5.0) -> None:
         """Remove the cgroup once its last task is gone (task exit is reported asynchronously)."""
@@ -55,41 +65,98 @@ class DeviceCgroup:
                 time.sleep(0.01)
 
 
-PARENT: Final = os.path.join(V1_ROOT, "mountwarden")
+class V1DeviceCgroup(_Dir):
+    def allow(self, rule: devfilter.Rule) -> None:
+        kind, major, minor = rule
+        with open(os.path.join(self.path, "devices.allow"), "w") as f:
+            f.write(f"{kind} {major}:{'*' if minor is None else minor} rwm")
 
 
-def create(name: str) -> DeviceCgroup | None:
-    """A fresh device cgroup for one container, or None without the v1 devices controller.
+class V2DeviceCgroup(_Dir):
+    """The allow list lives in a BPF program; `allow` swaps in a new one atomically (BPF_F_REPLACE)."""
 
-    The directory is named after the supervisor's pid, so `collect_stale` can tell the
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.rules: list[devfilter.Rule] = []
+        self.prog_fd = -1
+
+    def allow(self, rule: devfilter.Rule) -> None:
+        self.rules.append(rule)
+        prog = devfilter.load(self.rules)
+        dirfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            devfilter.attach(dirfd, prog, self.prog_fd if self.prog_fd >= 0 else None)
+        except BaseException:
+            os.close(prog)
+            raise
+        finally:
+            os.close(dirfd)
+        if self.prog_fd >= 0:
+            os.close(self.prog_fd)
+        self.prog_fd = prog
+
+    def remove(self, timeout: float = 5.0) -> None:
+        super().remove(timeout)  # removing the cgroup detaches its program
+        if self.prog_fd >= 0:
+            os.close(self.prog_fd)
+            self.prog_fd = -1
+
+
+def _v2_root() -> str | None:
+    for root in V2_ROOTS:
+        if os.path.isfile(os.path.join(root, "cgroup.controllers")):
+            return root
+    return None
+
+
+def create(name: str) -> list[DeviceCgroup]:
+    """Fresh device cgroups for one container, one per mechanism the host has.
+
+    The directories are named after the supervisor's pid, so `collect_stale` can tell the
     cgroups of a supervisor that was killed (and could not remove them) from live ones.
     """
-    if not os.path.isfile(os.path.join(V1_ROOT, "devices.allow")):
-        return None
-    os.makedirs(PARENT, exist_ok=True)
-    path = os.path.join(PARENT, f"{os.getpid()}.{name}")
-    os.mkdir(path)
-    group = DeviceCgroup(path)
+    made: list[DeviceCgroup] = []
+    leaf = f"{os.getpid()}.{name}"
     try:
-        with open(os.path.join(path, "devices.deny"), "w") as f:
-            f.write("a")
-        for rule in BASE_ALLOW:
-            group.allow(rule)
+        if os.path.isfile(os.path.join(V1_ROOT, "devices.allow")):
+            v1 = V1DeviceCgroup(_mkdir(V1_ROOT, leaf))
+            made.append(v1)
+            with open(os.path.join(v1.path, "devices.deny"), "w") as f:
+                f.write("a")
+            for rule in BASE_RULES:
+                v1.allow(rule)
+        if (root := _v2_root()) is not None:
+            v2 = V2DeviceCgroup(_mkdir(root, leaf))
+            made.append(v2)
+            v2.rules.extend(BASE_RULES[:-1])
+            v2.allow(BASE_RULES[-1])
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.rmdir(path)
+        for group in made:
+            with contextlib.suppress(OSError):
+                group.remove(0)
         raise
-    return group
+    return made
+
+
+def _mkdir(root: str, leaf: str) -> str:
+    parent = os.path.join(root, GROUP)
+    os.makedirs(parent, exist_ok=True)
+    path = os.path.join(parent, leaf)
+    os.mkdir(path)
+    return path
 
 
 def collect_stale() -> list[str]:
     """Remove the empty cgroups of supervisors that are gone; returns what was removed."""
     removed = []
-    with contextlib.suppress(FileNotFoundError):
-        for entry in os.listdir(PARENT):
-            owner = entry.split(".", 1)[0]
-            if owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
-                with contextlib.suppress(OSError):  # EBUSY: tasks still inside, leave it
-                    os.rmdir(os.path.join(PARENT, entry))
-                    removed.append(entry)
+    for root in (V1_ROOT, *V2_ROOTS):
+        parent = os.path.join(root, GROUP)
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            for entry in os.listdir(parent):
+                owner = entry.split(".", 1)[0]
+                path = os.path.join(parent, entry)
+                if owner.isdigit() and os.path.isdir(path) and not os.path.exists(f"/proc/{owner}"):
+                    with contextlib.suppress(OSError):  # EBUSY: tasks still inside, leave it
+                        os.rmdir(path)
+                        removed.append(path)
     return removed

@@ -11,8 +11,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import TextIO
 
-from . import audit, idmap
-from . import cgroup as cgroups
+from . import audit, cgroup, idmap
 from . import syscalls as s
 from .container import FORWARDED, Container, ContainerError, Spec
 from .policy import Policy, PolicyError, load_policy
@@ -63,7 +62,7 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    for entry in cgroups.collect_stale():
+    for entry in cgroup.collect_stale():
         print(f"removed device cgroup {entry}")
     return 0
 
@@ -88,7 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     with _audit_stream(args.audit_log) as stream:
         audit.configure(stream, logging.DEBUG if args.verbose else logging.INFO)
         notify.check_sizes()
-        cgroups.collect_stale()
+        cgroup.collect_stale()
         spec = Spec(
             command,
             name,

@@ -16,10 +16,10 @@ import os
 import signal
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, NoReturn
 
-from . import cgroup as cgroups
+from . import cgroup
 from . import syscalls as s
 from .idmap import IdRange
 from .seccomp import filter as seccomp_filter
@@ -50,7 +50,7 @@ class Container:
     pidfd: int
     init_pid: int = -1
     listener: int = -1
-    cgroup: cgroups.DeviceCgroup | None = None
+    cgroups: list[cgroup.DeviceCgroup] = field(default_factory=list)
     exit_code: int | None = None
 
     @classmethod
@@ -66,9 +66,9 @@ class Container:
         try:
             with sup:
                 _expect(sup, "userns")
-                self.cgroup = cgroups.create(spec.name)
-                if self.cgroup is not None:
-                    self.cgroup.add(pid)
+                self.cgroups = cgroup.create(spec.name)
+                for group in self.cgroups:
+                    group.add(pid)
                 _write_maps(pid, spec)
                 _send(sup, {"step": "mapped"})
                 self.init_pid = int(_expect(sup, "init")["pid"])
@@ -106,9 +106,8 @@ class Container:
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
-        if self.cgroup is not None:
-            self.cgroup.remove()
-            self.cgroup = None
+        while self.cgroups:
+            self.cgroups.pop().remove()
 
 
 def _send(sock: socket.socket, msg: dict[str, Any]) -> None:

@@ -66,7 +66,7 @@ def descendants(pid: int) -> set[tuple[int, str]]:
 
 
 def device_cgroups() -> set[str]:
-    return set(glob.glob("/sys/fs/cgroup/devices/mountwarden/*/"))
+    return {p for root in ("devices", "unified", "") for p in glob.glob(f"/sys/fs/cgroup/{root}/mountwarden/*/")}
 
 
 def snapshot() -> dict[str, Any]:
