@@ -118,6 +118,7 @@ def _supervise(spec: Spec, policy: Policy) -> int:
 
     try:
         session.start()
+        container.go()
         run_until_exit(session, container.pidfd, {sigfd: forward})
     except BaseException:
         container.kill()

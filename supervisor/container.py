@@ -25,7 +25,9 @@ from .idmap import IdRange
 from .seccomp import filter as seccomp_filter
 
 FORWARDED: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
-_DEV_NODES: Final = ("null", "zero", "full", "random", "urandom", "tty")
+_DEV_NODES: Final = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
+# Where sysfs shows the host's block devices; each gets an empty tmpfs the loop pool fills.
+BLOCK_VIEWS: Final = ("block", "class/block", "dev/block", "devices/virtual/block")
 
 
 class ContainerError(Exception):
@@ -52,6 +54,7 @@ class Container:
     listener: int = -1
     cgroups: list[cgroup.DeviceCgroup] = field(default_factory=list)
     exit_code: int | None = None
+    sock: socket.socket | None = None
 
     @classmethod
     def start(cls, spec: Spec) -> Container:
@@ -62,26 +65,32 @@ class Container:
             sup.close()
             _waiter(spec, ctr, parent)
         ctr.close()
-        self = cls(spec, pid, s.pidfd_open(pid))
+        self = cls(spec, pid, s.pidfd_open(pid), sock=sup)
         try:
-            with sup:
-                _expect(sup, "userns")
-                self.cgroups = cgroup.create(spec.name)
-                for group in self.cgroups:
-                    group.add(pid)
-                _write_maps(pid, spec)
-                _send(sup, {"step": "mapped"})
-                self.init_pid = int(_expect(sup, "init")["pid"])
-                msg, fds, _, _ = socket.recv_fds(sup, 4096, 1)
-                if not fds:
-                    raise ContainerError(_reason(msg))
-                self.listener = fds[0]
+            _expect(sup, "userns")
+            self.cgroups = cgroup.create(spec.name)
+            for group in self.cgroups:
+                group.add(pid)
+            _write_maps(pid, spec)
+            _send(sup, {"step": "mapped"})
+            self.init_pid = int(_expect(sup, "init")["pid"])
+            msg, fds, _, _ = socket.recv_fds(sup, 4096, 1)
+            if not fds:
+                raise ContainerError(_reason(msg))
+            self.listener = fds[0]
         except BaseException:
             self.kill()
             self.wait()
             self.release()
             raise
         return self
+
+    def go(self) -> None:
+        """Let the init start the command, once the supervisor is ready to serve it."""
+        assert self.sock is not None
+        _send(self.sock, {"step": "go"})
+        self.sock.close()
+        self.sock = None
 
     def signal(self, sig: int) -> None:
         """Forward a signal to the container's init, which passes it to the command."""
@@ -103,6 +112,9 @@ class Container:
 
     def release(self) -> None:
         """Drop what the supervisor holds for the container; call after `wait`."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
@@ -148,6 +160,7 @@ def _waiter(spec: Spec, sock: socket.socket, supervisor: int) -> NoReturn:  # pr
         for sig in FORWARDED:
             signal.signal(sig, signal.SIG_IGN)  # the init handles them; a terminal's ^C must not kill us
         _die_with_parent(supervisor)
+        _stage(spec)
         s.unshare(s.CLONE_NEWUSER)
         _send(sock, {"step": "userns"})
         _expect(sock, "mapped")
@@ -174,17 +187,23 @@ def _init(spec: Spec, sock: socket.socket) -> NoReturn:  # pragma: no cover
     """pid 1: root, filter, listener to the supervisor, then run the command and reap."""
     try:
         _die_with_parent(0)  # the waiter is outside our pid namespace: getppid() says 0
-        s.mount(None, "/", None, s.MS_REC | s.MS_PRIVATE)
         socket.sethostname(spec.name)
+        os.chdir(spec.rootfs or "/")
+        s.mount("proc", "proc", "proc", s.MS_NOSUID | s.MS_NODEV | s.MS_NOEXEC)
+        s.mount("devpts", "dev/pts", "devpts", s.MS_NOSUID | s.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")
         if spec.rootfs:
-            _enter_rootfs(spec.rootfs)
-        else:
-            s.mount("proc", "/proc", "proc", s.MS_NOSUID | s.MS_NODEV | s.MS_NOEXEC)
+            # pivot_root refuses a locked new root, and the staged bind is locked: bind it once more.
+            s.mount(".", ".", None, s.MS_BIND | s.MS_REC)
+            os.chdir(os.getcwd())
+            s.pivot_root(".", ".")
+            s.umount2(".", s.MNT_DETACH)
+            os.chdir("/")
         handled = {*FORWARDED, signal.SIGCHLD}
         signal.pthread_sigmask(signal.SIG_BLOCK, handled)
         listener = seccomp_filter.install()
         socket.send_fds(sock, [b"listener"], [listener])
         os.close(listener)
+        _expect(sock, "go")
         sock.close()
         os.closerange(3, os.sysconf("SC_OPEN_MAX"))
     except BaseException as exc:
@@ -219,34 +238,43 @@ def _init(spec: Spec, sock: socket.socket) -> NoReturn:  # pragma: no cover
                 os.kill(command, info.si_signo)
 
 
-def _enter_rootfs(rootfs: str) -> None:  # pragma: no cover
-    """Make `rootfs` the container's / with a fresh /proc, a minimal /dev and the host's /sys."""
-    s.mount(rootfs, rootfs, None, s.MS_BIND | s.MS_REC)
-    os.chdir(rootfs)
-    os.makedirs("proc", exist_ok=True)
-    s.mount("proc", "proc", "proc", s.MS_NOSUID | s.MS_NODEV | s.MS_NOEXEC)
-    os.makedirs("dev", exist_ok=True)
-    s.mount("tmpfs", "dev", "tmpfs", s.MS_NOSUID | s.MS_NOEXEC, "mode=755,size=1m")
-    for node in _DEV_NODES:
-        with open(f"dev/{node}", "w"):
-            pass
-        s.mount(f"/dev/{node}", f"dev/{node}", None, s.MS_BIND)
-    os.makedirs("dev/pts")
-    s.mount("devpts", "dev/pts", "devpts", s.MS_NOSUID | s.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")
-    os.symlink("pts/ptmx", "dev/ptmx")
-    for name, target in (
-        ("fd", "/proc/self/fd"),
-        ("stdin", "/proc/self/fd/0"),
-        ("stdout", "/proc/self/fd/1"),
-        ("stderr", "/proc/self/fd/2"),
-    ):
-        os.symlink(target, f"dev/{name}")
-    os.makedirs("dev/shm")
-    s.mount("tmpfs", "dev/shm", "tmpfs", s.MS_NOSUID | s.MS_NODEV, "mode=1777")
-    if os.path.isdir("sys"):
-        s.mount("/sys", "sys", None, s.MS_BIND | s.MS_REC)
-    if os.path.isdir("tmp"):
-        s.mount("tmpfs", "tmp", "tmpfs", s.MS_NOSUID | s.MS_NODEV, "mode=1777")
-    s.pivot_root(".", ".")
-    s.umount2(".", s.MNT_DETACH)
-    os.chdir("/")
+def _stage(spec: Spec) -> None:  # pragma: no cover - runs in the waiter
+    """Prepare the container's tree in a mount namespace of the host's user namespace.
+
+    Everything mounted here is copied into the container's mount namespace when the waiter
+    creates it from inside the new user namespace, and the kernel locks such copies: the
+    container cannot unmount the private /dev or the views hiding the host's block devices,
+    nor clear their flags.
+    """
+    s.unshare(s.CLONE_NEWNS)
+    s.mount(None, "/", None, s.MS_REC | s.MS_PRIVATE)
+    root = spec.rootfs or "/"
+    if spec.rootfs:
+        s.mount(root, root, None, s.MS_BIND | s.MS_REC)
+        for sub in ("proc", "dev", "sys"):
+            if not os.path.isdir(os.path.join(root, sub)):
+                raise ContainerError(f"--rootfs {root} has no /{sub} directory to mount on; create it")
+        s.mount("/sys", os.path.join(root, "sys"), None, s.MS_BIND | s.MS_REC)
+        if os.path.isdir(os.path.join(root, "tmp")):
+            s.mount("tmpfs", os.path.join(root, "tmp"), "tmpfs", s.MS_NOSUID | s.MS_NODEV, "mode=1777")
+    _private_dev(os.path.join(root, "dev"))
+    for view in BLOCK_VIEWS:
+        path = os.path.join(root, "sys", view)
+        if os.path.isdir(path):
+            s.mount("tmpfs", path, "tmpfs", s.MS_NOSUID | s.MS_NODEV | s.MS_NOEXEC, "mode=755,size=1m")
+
+
+def _private_dev(dev: str) -> None:  # pragma: no cover - runs in the waiter
+    """A /dev with the usual character devices only; the loop pool adds its nodes later."""
+    s.mount("tmpfs", dev, "tmpfs", s.MS_NOSUID | s.MS_NOEXEC, "mode=755,size=1m")
+    for name, (major, minor) in _DEV_NODES.items():
+        path = os.path.join(dev, name)
+        os.mknod(path, 0o20666, os.makedev(major, minor))
+        os.chmod(path, 0o666)
+    os.mkdir(os.path.join(dev, "pts"))
+    os.mkdir(os.path.join(dev, "shm"))
+    s.mount("tmpfs", os.path.join(dev, "shm"), "tmpfs", s.MS_NOSUID | s.MS_NODEV, "mode=1777")
+    links = {"ptmx": "pts/ptmx", "fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1",
+             "stderr": "/proc/self/fd/2"}  # fmt: skip
+    for name, target in links.items():
+        os.symlink(target, os.path.join(dev, name))

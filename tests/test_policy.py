@@ -319,7 +319,7 @@ def test_version_is_strictly_the_integer_one(tmp_path: Path, value: str) -> None
 
 def test_unknown_top_level_key(tmp_path: Path) -> None:
     path, message = bad(tmp_path, "version: 1\nrules: []\nrule: []\n")
-    assert message == f"{path}:3:1: rule: unknown key 'rule'; use one of: version, rules"
+    assert message == f"{path}:3:1: rule: unknown key 'rule'; use one of: version, limits, rules"
 
 
 def test_unknown_rule_and_match_keys(tmp_path: Path) -> None:
@@ -472,7 +472,7 @@ def test_empty_file(tmp_path: Path, text: str) -> None:
 @pytest.mark.parametrize(("text", "shown"), [("- a\n", "a list"), ("just text\n", "'just text'")])
 def test_top_level_must_be_a_mapping(tmp_path: Path, text: str, shown: str) -> None:
     path, message = bad(tmp_path, text)
-    assert message == f"{path}:1:1: {shown} is not a mapping; write a mapping with keys: version, rules"
+    assert message == f"{path}:1:1: {shown} is not a mapping; write a mapping with keys: version, limits, rules"
 
 
 def test_duplicate_key(tmp_path: Path) -> None:

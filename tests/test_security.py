@@ -99,7 +99,7 @@ def rootfs(workdir: Path, images: dict[str, Path], mountcall: Path) -> Path:
     for d in ("bin", "proc", "dev", "sys", "tmp", "mnt", "img"):
         (root / d).mkdir(parents=True)
     shutil.copy("/bin/busybox", root / "bin" / "busybox")
-    for tool in ("sh", "cat", "grep", "ls"):
+    for tool in ("sh", "cat", "grep", "ls", "losetup", "mount", "umount"):
         (root / "bin" / tool).symlink_to("busybox")
     shutil.copy(mountcall, root / "bin" / "mountcall")
     shutil.copy(images["ext4"], root / "img" / "data.ext4")
@@ -129,3 +129,19 @@ def test_paths_cannot_escape_the_rootfs(tmp_path: Path, rootfs: Path, images: di
     decisions = run.decisions("mount")
     assert decisions[2]["target"] == "/tmp" and decisions[3]["target"] == "/"
     assert decisions[4]["source"] == "/img/data.ext4"
+
+
+def test_private_dev_and_hidden_block_views_cannot_be_removed(tmp_path: Path, rootfs: Path, mountcall: Path) -> None:
+    """Made before the container's namespaces, these mounts are locked: umount gets EINVAL."""
+    for root, mc in ((None, str(mountcall)), (rootfs, "/bin/mountcall")):
+        script = _sh(
+            f"{mc} umount /dev",
+            f"{mc} umount /sys/block",
+            f"{mc} umount /sys/dev/block",
+            "ls /sys/block /sys/class/block /sys/dev/block",
+            "ls /dev",
+        )
+        run = run_container(tmp_path, script, rootfs=root)
+        lines = run.stdout.split()
+        assert lines[:3] == ["EINVAL", "EINVAL", "EINVAL"], run.stderr
+        assert not [n for n in lines if n.startswith(("loop", "vd", "zram", "sd", "nvme"))]

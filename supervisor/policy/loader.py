@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
 from .matcher import Policy
-from .schema import PolicyFile, allowed_keys, show_value
+from .schema import Limits, PolicyFile, allowed_keys, show_value
 
 POLICY_SUFFIXES: Final = (".yaml", ".yml")
 
@@ -49,7 +49,10 @@ def load_policy(paths: Sequence[str | os.PathLike[str]]) -> Policy:
     files = tuple(name for path in paths for name in _expand(path))
     loaded = [_load_file(name) for name in files]
     _check_unique_names(loaded)
-    return Policy(files=files, rules=tuple(rule for item in loaded for rule in item.content.rules))
+    limits = Limits()
+    for item in loaded:
+        limits = limits.model_copy(update=item.content.limits.model_dump(exclude_unset=True))
+    return Policy(files=files, rules=tuple(rule for item in loaded for rule in item.content.rules), limits=limits)
 
 
 def _expand(path: str | os.PathLike[str]) -> list[str]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
-    from .schema import Rule
+    from .schema import Limits, Rule
 
 DEFAULT_ERRNO: Final = "EPERM"
 
@@ -135,6 +135,7 @@ class Policy:
 
     files: tuple[str, ...]
     rules: tuple[Rule, ...]
+    limits: Limits
 
     def evaluate(self, req: MountRequest) -> Decision:
         """Decide `req`; anything no rule mentions is denied, so a policy only ever widens."""

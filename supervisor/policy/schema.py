@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Field,
     PlainValidator,
     ValidationInfo,
     field_validator,
@@ -183,10 +184,18 @@ class Rule(_Model):
         return value
 
 
+class Limits(_Model):
+    """How many loop devices a container may hold at once, and all containers of one host uid."""
+
+    loop_devices: Annotated[int, Field(ge=0, le=1024)] = 8
+    loop_devices_per_host_uid: Annotated[int, Field(ge=0, le=65536)] = 64
+
+
 class PolicyFile(_Model):
-    """One policy file; the loader concatenates the rules of several."""
+    """One policy file; the loader concatenates the rules of several (later files' limits win)."""
 
     version: Version
+    limits: Limits = Limits()
     rules: tuple[Rule, ...]
 
 
