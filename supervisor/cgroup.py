@@ -37,6 +37,7 @@ class DeviceCgroup(Protocol):
 
     def add(self, pid: int) -> None: ...
     def allow(self, rule: devfilter.Rule) -> None: ...
+    def deny(self, rule: devfilter.Rule) -> None: ...
     def remove(self, timeout: float = 5.0) -> None: ...
 
 
@@ -67,8 +68,14 @@ class _Dir:
 
 class V1DeviceCgroup(_Dir):
     def allow(self, rule: devfilter.Rule) -> None:
+        self._write("devices.allow", rule)
+
+    def deny(self, rule: devfilter.Rule) -> None:
+        self._write("devices.deny", rule)
+
+    def _write(self, name: str, rule: devfilter.Rule) -> None:
         kind, major, minor = rule
-        with open(os.path.join(self.path, "devices.allow"), "w") as f:
+        with open(os.path.join(self.path, name), "w") as f:
             f.write(f"{kind} {major}:{'*' if minor is None else minor} rwm")
 
 
@@ -82,6 +89,13 @@ class V2DeviceCgroup(_Dir):
 
     def allow(self, rule: devfilter.Rule) -> None:
         self.rules.append(rule)
+        self._install()
+
+    def deny(self, rule: devfilter.Rule) -> None:
+        self.rules = [r for r in self.rules if r != rule]
+        self._install()
+
+    def _install(self) -> None:
         prog = devfilter.load(self.rules)
         dirfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:

@@ -117,7 +117,7 @@ def _supervise(spec: Spec, policy: Policy) -> int:
                 container.signal(signo)
 
     try:
-        session.start()
+        session.start((spec.uids.start, spec.gids.start), container.cgroups)
         container.go()
         run_until_exit(session, container.pidfd, {sigfd: forward})
     except BaseException:

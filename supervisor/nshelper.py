@@ -21,17 +21,32 @@ import time
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 
+from . import mounting
 from . import syscalls as s
 from .errors import KernelError
+from .mountopts import MountOptions
 
 _MAX_MSG: Final = 65536
 
 
 @dataclass(frozen=True)
-class Attach:
-    """Attach the detached mount fds[0] onto the directory fds[1]."""
+class Mount:
+    """Mount the block device `source` (a path in the container) on the directory fds[0].
 
-    op: ClassVar[str] = "attach"
+    The superblock is created here, in the container's mount namespace but with host root's
+    credentials, so mountinfo names the device as the container does. `source` is a path the
+    container could swap, so the new superblock's device must be `expected_dev`, or nothing
+    is attached. Replies with the new mount's id, device and root inode.
+    """
+
+    op: ClassVar[str] = "mount"
+    driver: str
+    source: str
+    expected_dev: int
+    read_only: bool
+    attrs: list[str]
+    sb_flags: list[str]
+    fs_options: list[str]
 
 
 @dataclass(frozen=True)
@@ -53,7 +68,7 @@ class SetAttr:
     attr_clr: int
 
 
-Request = Attach | Unmount | SetAttr
+Request = Mount | Unmount | SetAttr
 
 
 class NsHelper:
@@ -86,12 +101,14 @@ class NsHelper:
         helper = cls(pid, parent)
         return helper
 
-    def call(self, request: Request, fds: tuple[int, ...] = ()) -> None:
+    def call(self, request: Request, fds: tuple[int, ...] = ()) -> dict[str, Any]:
+        """Send one request and wait for its reply; the reply's fields, or KernelError."""
         payload = {"op": request.op, **dataclasses.asdict(request)}
         socket.send_fds(self.sock, [json.dumps(payload).encode()], list(fds))
-        reply = json.loads(self.sock.recv(_MAX_MSG) or b'{"errno": 5, "error": "helper exited"}')
+        reply: dict[str, Any] = json.loads(self.sock.recv(_MAX_MSG) or b'{"errno": 5, "error": "helper exited"}')
         if reply["errno"]:
             raise KernelError(reply["errno"], reply["error"])
+        return reply
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the helper; its exit drops the last hold on the container's mount namespace."""
@@ -120,8 +137,7 @@ def _serve(sock: socket.socket) -> None:  # pragma: no cover - runs in the helpe
             return
         try:
             request: dict[str, Any] = json.loads(msg)
-            _OPS[request.pop("op")](request, fds)
-            reply: dict[str, Any] = {"errno": 0, "error": ""}
+            reply: dict[str, Any] = {"errno": 0, "error": "", **_OPS[request.pop("op")](request, fds)}
         except KernelError as exc:
             reply = {"errno": exc.errno or errno.EIO, "error": exc.what}
         except OSError as exc:
@@ -134,11 +150,19 @@ def _serve(sock: socket.socket) -> None:  # pragma: no cover - runs in the helpe
         sock.send(json.dumps(reply).encode())
 
 
-def _attach(req: dict[str, Any], fds: list[int]) -> None:
-    s.move_mount(fds[0], fds[1])
+def _mount(req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+    opts = MountOptions(req["read_only"], frozenset(req["attrs"]), tuple(req["sb_flags"]), tuple(req["fs_options"]))
+    mnt = mounting.create(req["driver"], req["source"], opts)
+    try:
+        if mnt.dev != req["expected_dev"]:
+            raise KernelError(errno.EXDEV, "the device node changed while it was being mounted", req["source"])
+        s.move_mount(mnt.fd, fds[0])
+    finally:
+        mnt.close()
+    return {"mnt_id": mnt.mnt_id, "dev": mnt.dev, "root_ino": mnt.root_ino}
 
 
-def _umount(req: dict[str, Any], fds: list[int]) -> None:
+def _umount(req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
     path = req["path"]
     fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
@@ -147,10 +171,12 @@ def _umount(req: dict[str, Any], fds: list[int]) -> None:
     finally:
         os.close(fd)
     s.umount2(path, req["flags"] | s.UMOUNT_NOFOLLOW)
+    return {}
 
 
-def _setattr(req: dict[str, Any], fds: list[int]) -> None:
+def _setattr(req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
     s.mount_setattr(fds[0], req["attr_set"], req["attr_clr"])
+    return {}
 
 
-_OPS: Final = {Attach.op: _attach, Unmount.op: _umount, SetAttr.op: _setattr}
+_OPS: Final = {Mount.op: _mount, Unmount.op: _umount, SetAttr.op: _setattr}

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import loop
+from .cgroup import DeviceCgroup
+from .loop.pool import LoopPool
+from .loop.sysview import SysView
 from .nshelper import NsHelper
 from .policy import Policy
 from .syscalls import pidfd_open
@@ -34,6 +38,7 @@ class MountRecord:
     read_only: bool
     forced: tuple[str, ...]
     rule: str | None
+    slot: int = -1  # the container's own number for the loop device
 
 
 @dataclass
@@ -49,13 +54,38 @@ class Session:
     loops: set[int] = field(default_factory=set)
     pidfd: int = -1
     helper: NsHelper | None = None
+    pool: LoopPool | None = None
     closed: bool = False
+    _dirs: list[int] = field(default_factory=list)
 
-    def start(self) -> Session:
-        """Pin the container's init and start the helper in its mount namespace."""
+    def start(self, owner: tuple[int, int], cgroups: Sequence[DeviceCgroup]) -> Session:
+        """Pin the container's init, start the helper in its mount namespace, set up its loop pool.
+
+        `owner` is the host uid and gid of the container's root; the pool's nodes belong to it.
+        Call before the container's command runs: the directories are opened now, while they
+        are certainly the ones made for the container.
+        """
         self.pidfd = pidfd_open(self.init_pid)
         self.helper = NsHelper.start(self.pidfd)
+        root = f"/proc/{self.init_pid}/root"
+        dev = self._dir(f"{root}/dev")
+        views = [self._dir(f"{root}/sys/{view}") for view in ("block", "class/block", "dev/block")]
+        self.pool = LoopPool(
+            dev_fd=dev,
+            sysview=SysView(*views),
+            owner=owner,
+            limit=self.policy.limits.loop_devices,
+            host_uid=owner[0],
+            per_uid_limit=self.policy.limits.loop_devices_per_host_uid,
+            cgroups=cgroups,
+        )
+        self.pool.start()
         return self
+
+    def _dir(self, path: str) -> int:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self._dirs.append(fd)
+        return fd
 
     def nshelper(self) -> NsHelper:
         assert self.helper is not None, "session not started"
@@ -69,11 +99,22 @@ class Session:
         self.mounts[record.mnt_id] = record
         self.loops.add(record.loop)
 
+    def unmounted(self, record: MountRecord) -> None:
+        """The supervisor unmounted `record`: forget it, and let an autoclear pool device go."""
+        del self.mounts[record.mnt_id]
+        if self.pool is not None and not any(m.loop == record.loop for m in self.mounts.values()):
+            self.pool.last_use_ended(record.loop)
+
     def close(self) -> list[int]:
         """Release everything; returns host loop devices that failed to detach in time (a leak)."""
         if self.closed:
             return []
         self.closed = True
+        if self.pool is not None:
+            self.loops.update(self.pool.close())
+            self.pool = None
+        while self._dirs:
+            os.close(self._dirs.pop())
         if self.helper is not None:
             self.helper.close()
             self.helper = None

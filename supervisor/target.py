@@ -72,7 +72,7 @@ class Target:
         try:
             self.pidfd = self._keep(sys_.pidfd_open(self.pid, sys_.PIDFD_THREAD))
             self.proc = self._keep(os.open(f"/proc/{self.pid}", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
-            self.mem = self._keep(os.open("mem", os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.proc))
+            self.mem = self._keep(os.open("mem", os.O_RDWR | os.O_CLOEXEC, dir_fd=self.proc))
             self.root = self._keep(os.open("root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.proc))
             status = self._read_proc("status")
             cwd = os.readlink("cwd", dir_fd=self.proc)
@@ -124,6 +124,41 @@ class Target:
                 return out.decode("utf-8", errors="surrogateescape")
             out += chunk
         raise KernelError(errno.ENAMETOOLONG, f"{what} is longer than {limit} bytes")
+
+    def read_bytes(self, addr: int, size: int, what: str = "argument") -> bytes:
+        """Copy exactly `size` bytes (a struct argument) out of the task."""
+        try:
+            data = os.pread(self.mem, size, addr) if addr else b""
+        except OSError:
+            data = b""
+        if len(data) != size:
+            raise KernelError(errno.EFAULT, f"{what} points to memory the task cannot read")
+        return data
+
+    def write_bytes(self, addr: int, data: bytes, what: str = "result") -> None:
+        """Store a struct result into the task's buffer, as the kernel's copy_to_user would."""
+        try:
+            written = os.pwrite(self.mem, data, addr) if addr else 0
+        except OSError:
+            written = 0
+        if written != len(data):
+            raise KernelError(errno.EFAULT, f"{what} buffer is not writable in the task")
+
+    def take_fd(self, fd: int) -> int:
+        """A duplicate of the task's fd (same open file); the caller closes it."""
+        try:
+            return sys_.pidfd_getfd(self.pidfd, fd)
+        except KernelError as exc:
+            raise KernelError(
+                errno.EBADF if exc.errno == errno.EBADF else exc.errno or errno.EBADF, f"fd {fd} of the caller"
+            ) from None
+
+    def fd_path(self, fd: int) -> str:
+        """Where the task's fd points, as the task would name it."""
+        try:
+            return _relative_to_root(os.readlink(f"fd/{fd}", dir_fd=self.proc), self.root_path)
+        except (OSError, KernelError):
+            return ""
 
     def read_optional(self, addr: int, limit: int = PATH_MAX, what: str = "string") -> str | None:
         return None if addr == 0 else self.read_cstring(addr, limit, what)

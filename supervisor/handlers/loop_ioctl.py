@@ -1,20 +1,284 @@
-"""Loop ioctls on /dev/loop-control and /dev/loopN.
+"""Loop ioctls on the container's /dev/loop-control and /dev/loopN, served by its private pool.
 
-Not served yet: the private loop pool that answers them comes later. Until then every loop
-request gets ENOTTY (what the ioctl gives on a file that is not a loop device) with an audit
-line, so tools report "not a loop device" instead of touching a host device.
+Every loop request number is intercepted, whatever the fd: on the pool's nodes it is answered
+here with loop(4)'s semantics and errnos, in container numbers; on a host loop device that is
+not the container's own it is refused; on anything else it gets ENOTTY, as natively. Backing
+files are the fds the container itself opened (taken with pidfd_getfd, never reopened by
+path), so the kernel has already checked the container's right to them.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
+import os
+import stat
+import struct
+from collections.abc import Callable
+from typing import Final
 
 from ..errors import KernelError
+from ..loop.device import INFO64, LO_FLAGS_AUTOCLEAR, LO_FLAGS_READ_ONLY, status64
+from ..loop.pool import LOOP_MAJOR, BindRequest, LoopPool, Slot
 from ..registry import Call
 from ..seccomp.notify import Response
 
+LOOP_SET_FD: Final = 0x4C00
+LOOP_CLR_FD: Final = 0x4C01
+LOOP_SET_STATUS: Final = 0x4C02
+LOOP_GET_STATUS: Final = 0x4C03
+LOOP_SET_STATUS64: Final = 0x4C04
+LOOP_GET_STATUS64: Final = 0x4C05
+LOOP_CHANGE_FD: Final = 0x4C06
+LOOP_SET_CAPACITY: Final = 0x4C07
+LOOP_SET_DIRECT_IO: Final = 0x4C08
+LOOP_SET_BLOCK_SIZE: Final = 0x4C09
+LOOP_CONFIGURE: Final = 0x4C0A
+LOOP_CTL_ADD: Final = 0x4C80
+LOOP_CTL_REMOVE: Final = 0x4C81
+LOOP_CTL_GET_FREE: Final = 0x4C82
+# struct loop_info (the old ABI, x86-64/arm64 layout: long-sized dev_t fields).
+INFO_OLD: Final = struct.Struct("<i4xQQQiiii64s32s2Q4s4x")
+CONFIG_HEAD: Final = struct.Struct("<II")
+CONFIG_SIZE: Final = 8 + INFO64.size + 64
+_INT_MAX: Final = 2**31 - 1
+
+
+class Request:
+    """One loop ioctl on one of the pool's nodes: the caller, its fd's mode, the argument."""
+
+    def __init__(self, call: Call, pool: LoopPool, slot: Slot | None, writable: bool, arg: int) -> None:
+        self.call, self.pool, self.slot, self.writable, self.arg = call, pool, slot, writable, arg
+
+    @property
+    def bound(self) -> Slot:
+        if self.slot is None or self.slot.device is None:
+            raise KernelError(errno.ENXIO, "the loop device is not bound")
+        return self.slot
+
+    def done(self, val: int = 0) -> Response:
+        return Response.success(self.call.notif.id, val)
+
+
+Op = Callable[[Request], Response]
+
 
 def handle(call: Call) -> Response:
-    fd, request = call.notif.args[0], call.notif.args[1] & 0xFFFFFFFF
-    call.audit.update(fd=fd, request=f"{request:#06x}")
-    raise KernelError(errno.ENOTTY, "loop devices are not available in this container yet")
+    t, args = call.target, call.notif.args
+    fd, request, arg = args[0] & 0xFFFFFFFF, args[1] & 0xFFFFFFFF, args[2]
+    call.audit.update(fd=fd, request=f"{request:#06x}", op=_NAMES.get(request, "unknown"))
+    ours = t.take_fd(fd)
+    try:
+        st, flags = os.fstat(ours), fcntl.fcntl(ours, fcntl.F_GETFL)
+    finally:
+        os.close(ours)
+    t.check()
+    pool = call.session.pool
+    if pool is not None and pool.is_control(st):
+        op = CONTROL_OPS.get(request)
+        slot = None
+    elif pool is not None and (slot := pool.slot_for(st)) is not None:
+        op = DEVICE_OPS.get(request)
+    elif stat.S_ISBLK(st.st_mode) and os.major(st.st_rdev) == LOOP_MAJOR:
+        raise KernelError(errno.EPERM, "this is not one of the container's own loop devices")
+    else:
+        raise KernelError(errno.ENOTTY, "not a loop device")
+    if op is None:
+        raise KernelError(errno.EINVAL, f"unsupported loop request {request:#06x}")
+    assert pool is not None
+    if slot is not None:
+        call.audit["device"] = f"/dev/loop{slot.number}"
+    writable = flags & os.O_ACCMODE != os.O_RDONLY
+    return op(Request(call, pool, slot, writable, arg))
+
+
+# --- loop-control -----------------------------------------------------------------------------
+
+
+def _get_free(r: Request) -> Response:
+    number = r.pool.get_free()
+    r.call.audit["device"] = f"/dev/loop{number}"
+    return r.done(number)
+
+
+def _add(r: Request) -> Response:
+    return r.done(r.pool.add(_number(r.arg)))
+
+
+def _remove(r: Request) -> Response:
+    r.pool.remove(_number(r.arg))
+    return r.done()
+
+
+def _number(arg: int) -> int:
+    if arg > _INT_MAX:
+        raise KernelError(errno.EINVAL, "loop device number out of range")
+    return arg
+
+
+# --- binding ----------------------------------------------------------------------------------
+
+
+def _bind(r: Request, backing: int, info: tuple[object, ...] | None, block_size: int) -> Response:
+    t = r.call.target
+    slot = r.slot
+    assert slot is not None
+    if slot.device is not None:
+        raise KernelError(errno.EBUSY, f"/dev/loop{slot.number} is already bound")
+    ours = t.take_fd(backing)
+    try:
+        mode = os.fstat(ours).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise KernelError(errno.EINVAL, "a loop device needs a regular file or block device to back it")
+        offset, sizelimit, flags, name = (0, 0, 0, b"") if info is None else (info[3], info[4], info[8], info[9])
+        assert isinstance(offset, int) and isinstance(sizelimit, int) and isinstance(flags, int)
+        assert isinstance(name, bytes)
+        path = t.fd_path(backing)
+        read_only = bool(flags & LO_FLAGS_READ_ONLY) or not r.writable
+        req = BindRequest(
+            ours, path, read_only, offset, sizelimit, flags, block_size, name.split(b"\0")[0].decode(errors="replace")
+        )
+        r.call.audit.update(backing_file=path, read_only=read_only, offset=offset, sizelimit=sizelimit)
+        r.pool.bind(slot, req)
+    finally:
+        os.close(ours)
+    r.call.audit["host_device"] = slot.host.path
+    return r.done()
+
+
+def _set_fd(r: Request) -> Response:
+    return _bind(r, r.arg & 0xFFFFFFFF, None, 0)
+
+
+def _configure(r: Request) -> Response:
+    raw = r.call.target.read_bytes(r.arg, CONFIG_SIZE, "struct loop_config")
+    backing, block_size = CONFIG_HEAD.unpack_from(raw)
+    info = INFO64.unpack_from(raw, CONFIG_HEAD.size)
+    r.call.target.check()
+    return _bind(r, backing, info, block_size)
+
+
+def _clear(r: Request) -> Response:
+    slot = r.bound
+    mounts = r.call.session.mounts.values()
+    r.pool.clear(slot, busy=lambda host: any(m.loop == host for m in mounts))
+    return r.done()
+
+
+# --- status -----------------------------------------------------------------------------------
+
+
+def _status_fields(r: Request) -> list[object]:
+    slot = r.bound
+    fields: list[object] = list(INFO64.unpack(status64(slot.host.fd)))
+    fields[5] = slot.number
+    flags = fields[8]
+    assert isinstance(flags, int)
+    fields[8] = flags | LO_FLAGS_AUTOCLEAR if slot.autoclear else flags & ~LO_FLAGS_AUTOCLEAR
+    return fields
+
+
+def _get_status64(r: Request) -> Response:
+    r.call.target.write_bytes(r.arg, INFO64.pack(*_status_fields(r)), "struct loop_info64")
+    return r.done()
+
+
+def _get_status(r: Request) -> Response:
+    f = _status_fields(r)
+    device, inode, rdevice, offset = f[0], f[1], f[2], f[3]
+    assert isinstance(offset, int)
+    if offset > _INT_MAX:
+        raise KernelError(errno.EOVERFLOW, "the offset does not fit the old loop_info")
+    old = INFO_OLD.pack(f[5], device, inode, rdevice, offset, f[6], f[7], f[8], f[9], f[11], f[12], f[13], b"")
+    r.call.target.write_bytes(r.arg, old, "struct loop_info")
+    return r.done()
+
+
+def _apply_status(r: Request, fields: list[object]) -> Response:
+    slot = r.bound
+    flags = fields[8]
+    assert isinstance(flags, int)
+    slot.autoclear = bool(flags & LO_FLAGS_AUTOCLEAR)
+    fields[8] = flags | LO_FLAGS_AUTOCLEAR  # the host device always clears itself at last close
+    fcntl.ioctl(slot.host.fd, LOOP_SET_STATUS64, INFO64.pack(*fields))
+    r.pool.refresh(slot)
+    return r.done()
+
+
+def _set_status64(r: Request) -> Response:
+    raw = r.call.target.read_bytes(r.arg, INFO64.size, "struct loop_info64")
+    r.call.target.check()
+    return _apply_status(r, list(INFO64.unpack(raw)))
+
+
+def _set_status(r: Request) -> Response:
+    raw = r.call.target.read_bytes(r.arg, INFO_OLD.size, "struct loop_info")
+    r.call.target.check()
+    number, device, inode, rdevice, offset, etype, ekeysize, flags, name, key, init0, init1, _ = INFO_OLD.unpack(raw)
+    current = _status_fields(r)
+    fields: list[object] = [
+        device,
+        inode,
+        rdevice,
+        offset,
+        current[4],
+        number,
+        etype,
+        ekeysize,
+        flags,
+        name,
+        b"",
+        key,
+        init0,
+        init1,
+    ]
+    return _apply_status(r, fields)
+
+
+# --- the rest ---------------------------------------------------------------------------------
+
+
+def _change_fd(r: Request) -> Response:
+    slot = r.bound
+    ours = r.call.target.take_fd(r.arg & 0xFFFFFFFF)
+    try:
+        fcntl.ioctl(slot.host.fd, LOOP_CHANGE_FD, ours)
+    finally:
+        os.close(ours)
+    slot.backing_path = r.call.target.fd_path(r.arg & 0xFFFFFFFF)
+    r.pool.refresh(slot)
+    return r.done()
+
+
+def _passthrough(request: int) -> Op:
+    """Requests whose only argument is a number: the kernel's own checks apply on the host device."""
+
+    def op(r: Request) -> Response:
+        slot = r.bound
+        try:
+            fcntl.ioctl(slot.host.fd, request, r.arg)
+        except OSError as exc:
+            raise KernelError(exc.errno or errno.EIO, _NAMES[request]) from None
+        r.pool.refresh(slot)
+        return r.done()
+
+    return op
+
+
+CONTROL_OPS: Final[dict[int, Op]] = {LOOP_CTL_GET_FREE: _get_free, LOOP_CTL_ADD: _add, LOOP_CTL_REMOVE: _remove}
+DEVICE_OPS: Final[dict[int, Op]] = {
+    LOOP_SET_FD: _set_fd,
+    LOOP_CONFIGURE: _configure,
+    LOOP_CLR_FD: _clear,
+    LOOP_GET_STATUS: _get_status,
+    LOOP_GET_STATUS64: _get_status64,
+    LOOP_SET_STATUS: _set_status,
+    LOOP_SET_STATUS64: _set_status64,
+    LOOP_CHANGE_FD: _change_fd,
+    LOOP_SET_CAPACITY: _passthrough(LOOP_SET_CAPACITY),
+    LOOP_SET_DIRECT_IO: _passthrough(LOOP_SET_DIRECT_IO),
+    LOOP_SET_BLOCK_SIZE: _passthrough(LOOP_SET_BLOCK_SIZE),
+}
+_NAMES: Final = {
+    value: name for name, value in globals().items() if name.startswith("LOOP_") and isinstance(value, int)
+}

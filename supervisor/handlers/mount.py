@@ -12,15 +12,17 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from dataclasses import dataclass
 from typing import Final
 
-from .. import mounting, mountopts
+from .. import mountopts
 from .. import syscalls as s
 from ..errors import KernelError
-from ..loop import attach
-from ..nshelper import Attach, SetAttr
+from ..loop.device import LO_FLAGS_AUTOCLEAR
+from ..loop.pool import BindRequest, LoopPool, Slot
+from ..nshelper import Mount, SetAttr
 from ..paths import Resolved
-from ..policy import MountRequest
+from ..policy import Decision, MountRequest
 from ..probe import kernel_driver, probe_fd
 from ..registry import Call
 from ..seccomp.notify import Response
@@ -65,98 +67,121 @@ def handle(call: Call) -> Response:
     return _mount_image(call, source, target, fstype, opts)
 
 
+@dataclass
+class _Source:
+    """What a mount will read: an fd to probe, the path policy sees, the pool slot if it is one.
+
+    A /dev/loopN of the container's own pool is used as it is (the container bound it to a file
+    it opened itself); a regular file is opened with the caller's rights and, once policy
+    allows it, bound to a free slot of the pool with autoclear, as `mount -o loop` would.
+    """
+
+    image: Resolved
+    fd: int
+    policy_path: str
+    slot: Slot | None = None
+
+    def close(self) -> None:
+        self.image.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _open_source(call: Call, source: str) -> _Source:
+    t = call.target
+    image = t.resolve(source)
+    try:
+        if stat.S_ISBLK(image.st.st_mode):
+            slot = _pool(call).slot_for(image.st)
+            if slot is None:
+                raise KernelError(errno.EPERM, "only the container's own loop devices can be mounted", image.path)
+            call.audit.update(device=f"/dev/loop{slot.number}", backing_file=slot.backing_path)
+            return _Source(image, os.dup(slot.host.fd), slot.backing_path, slot)
+        return _Source(image, _open_as_caller(t, image, os.O_RDONLY), image.path)
+    except BaseException:
+        image.close()
+        raise
+
+
+def _pool(call: Call) -> LoopPool:
+    if call.session.pool is None:
+        raise KernelError(errno.ENOSPC, "this container has no loop devices")
+    return call.session.pool
+
+
 def _mount_image(call: Call, source: str, target: str, fstype: str | None, opts: mountopts.MountOptions) -> Response:
     t, session = call.target, call.session
     with t.resolve(target) as where:
         if not stat.S_ISDIR(where.st.st_mode):
             raise KernelError(errno.ENOTDIR, "the mount point is not a directory", where.path)
-        image, fd = _open_image(t, source, os.O_RDONLY)
+        src = _open_source(call, source)
         try:
-            facts = probe_fd(fd)
-            call.audit.update(source=image.path, target=where.path, probed=facts.fstype, size=facts.size)
+            facts = probe_fd(src.fd)
+            call.audit.update(source=src.image.path, target=where.path, probed=facts.fstype, size=facts.size)
             if facts.fstype is None:
-                raise KernelError(errno.EINVAL, "the image holds no filesystem mountwarden recognises", image.path)
+                raise KernelError(errno.EINVAL, "the image holds no filesystem mountwarden recognises", src.image.path)
             if fstype not in (None, "", "auto", "none") and kernel_driver(fstype) != kernel_driver(facts.fstype):
-                raise KernelError(errno.EINVAL, f"the image is {facts.fstype}, not {fstype}", image.path)
-            request = MountRequest(image.path, where.path, facts.fstype, opts.read_only, opts.fs_options)
+                raise KernelError(errno.EINVAL, f"the image is {facts.fstype}, not {fstype}", src.image.path)
+            request = MountRequest(src.policy_path, where.path, facts.fstype, opts.read_only, opts.fs_options)
             decision = session.policy.evaluate(request)
             call.audit.update(rule=decision.rule, action=decision.action, reason=decision.reason)
             if decision.action != "kernel":
                 raise KernelError(decision.errno, decision.reason)
             final = opts.with_forced(decision.options)
             mountopts.check_fs_options(facts.fstype, final.fs_options)
-            if not final.read_only:
-                os.close(fd)
-                fd = -1
-                _, fd = _open_image(t, image.path, os.O_RDWR, resolved=image)
-            record = _attach(call, image, where, fd, facts.fstype, final, decision.options, decision.rule)
+            if not final.read_only and src.slot is None:
+                os.close(src.fd)
+                src.fd = -1
+                src.fd = _open_as_caller(t, src.image, os.O_RDWR)
+            record = _attach(call, src, where, facts.fstype, final, decision)
         finally:
-            image.close()
-            if fd >= 0:
-                os.close(fd)
+            src.close()
     session.add(record)
-    call.audit.update(loop=f"/dev/loop{record.loop}", options=final.describe())
+    call.audit.update(loop=f"/dev/loop{record.slot}", host_loop=f"/dev/loop{record.loop}", options=final.describe())
     return Response.success(call.notif.id)
 
 
 def _attach(
-    call: Call,
-    image: Resolved,
-    where: Resolved,
-    fd: int,
-    fstype: str,
-    opts: mountopts.MountOptions,
-    forced: tuple[str, ...],
-    rule: str | None,
+    call: Call, src: _Source, where: Resolved, fstype: str, opts: mountopts.MountOptions, decision: Decision
 ) -> MountRecord:
-    """Loop device, superblock, detached mount, then attach it in the container; undone on any failure."""
-    device = attach(fd, read_only=opts.read_only, name=image.path)
-    try:
-        mnt = mounting.create(kernel_driver(fstype), device.path, opts)
-    finally:
-        device.close()  # from here the superblock holds the device; autoclear frees it with the mount
+    """Superblock on the slot's device, attached in the container by the helper; undone on failure."""
+    pool = _pool(call)
+    slot = src.slot
+    if slot is None:
+        slot = pool.slots[pool.get_free()]
+        bind = BindRequest(src.fd, src.policy_path, opts.read_only, flags=LO_FLAGS_AUTOCLEAR)
+        pool.bind(slot, bind)
+    device = slot.host
     try:
         call.target.check()  # a caller that died meanwhile gets no mount
-        call.session.nshelper().call(Attach(), (mnt.fd, where.fd))
-    finally:
-        mnt.close()
-    return MountRecord(
-        mnt.mnt_id,
-        mnt.dev,
-        mnt.root_ino,
-        image.path,
-        where.path,
-        fstype,
-        device.number,
-        opts.read_only,
-        forced,
-        rule,
-    )
-
-
-def _open_image(t: Target, source: str, mode: int, resolved: Resolved | None = None) -> tuple[Resolved, int]:
-    """Open the image with the caller's own rights, so the supervisor never lends it root's."""
-    image = resolved or t.resolve(source)
-    try:
-        if stat.S_ISBLK(image.st.st_mode):
-            raise KernelError(
-                errno.EPERM, "block devices are not mounted for containers; mount the image file", image.path
-            )
-        if not stat.S_ISREG(image.st.st_mode):
-            raise KernelError(errno.ENOTBLK, "the source is not an image file", image.path)
-        with t.as_caller():
-            try:
-                fd = os.open(f"/proc/self/fd/{image.fd}", mode | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
-            except OSError as exc:
-                need = "read" if mode == os.O_RDONLY else "write"
-                raise KernelError(
-                    exc.errno or errno.EACCES, f"the container's user may not {need} the image", image.path
-                ) from None
+        request = Mount(
+            kernel_driver(fstype), f"/dev/loop{slot.number}", device.rdev, opts.read_only, sorted(opts.attrs),
+            list(opts.sb_flags), list(opts.fs_options),
+        )  # fmt: skip
+        made = call.session.nshelper().call(request, (where.fd,))
     except BaseException:
-        if resolved is None:
-            image.close()
+        if src.slot is None:
+            pool.last_use_ended(device.number)  # the slot bound for this mount alone
         raise
-    return image, fd
+    return MountRecord(
+        made["mnt_id"], made["dev"], made["root_ino"], src.policy_path, where.path, fstype, device.number,
+        opts.read_only, decision.options, decision.rule, slot=slot.number,
+    )  # fmt: skip
+
+
+def _open_as_caller(t: Target, image: Resolved, mode: int) -> int:
+    """Open the image with the caller's own rights, so the supervisor never lends it root's."""
+    if not stat.S_ISREG(image.st.st_mode):
+        raise KernelError(errno.ENOTBLK, "the source is not an image file", image.path)
+    with t.as_caller():
+        try:
+            return os.open(f"/proc/self/fd/{image.fd}", mode | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+        except OSError as exc:
+            need = "read" if mode == os.O_RDONLY else "write"
+            raise KernelError(
+                exc.errno or errno.EACCES, f"the container's user may not {need} the image", image.path
+            ) from None
 
 
 def _remount(call: Call, target: str, flags: int, opts: mountopts.MountOptions) -> Response:

@@ -49,5 +49,5 @@ def _umount(call: Call, flags: int) -> Response:
     call.audit.update(target=canonical, action="unmount", source=record.source, loop=f"/dev/loop{record.loop}")
     ns_path = posixpath.join(t.root_path, canonical.lstrip("/"))
     call.session.nshelper().call(Unmount(ns_path, flags & ~s.UMOUNT_NOFOLLOW, record.mnt_id))
-    del call.session.mounts[record.mnt_id]
+    call.session.unmounted(record)
     return Response.success(call.notif.id)

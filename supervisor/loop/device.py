@@ -27,6 +27,10 @@ LOOP_GET_STATUS64: Final = 0x4C05
 LOOP_CTL_GET_FREE: Final = 0x4C82
 LO_FLAGS_READ_ONLY: Final = 1
 LO_FLAGS_AUTOCLEAR: Final = 4
+LO_FLAGS_PARTSCAN: Final = 8
+LO_FLAGS_DIRECT_IO: Final = 16
+BLKGETSIZE64: Final = 0x80081272
+BLKSSZGET: Final = 0x1268
 LO_NAME_SIZE: Final = 64
 # struct loop_info64 and struct loop_config (linux/loop.h)
 INFO64: Final = struct.Struct("<5Q4I64s64s32s2Q")
@@ -54,19 +58,36 @@ class LoopDevice:
             self.fd = -1
 
 
-def _status(fd: int) -> tuple[int, int, int]:
+def status64(fd: int) -> bytearray:
+    """LOOP_GET_STATUS64 of the loop device open on `fd`, as the kernel's struct."""
     buf = bytearray(INFO64.size)
     fcntl.ioctl(fd, LOOP_GET_STATUS64, buf, True)
-    fields = INFO64.unpack(buf)
+    return buf
+
+
+def _status(fd: int) -> tuple[int, int, int]:
+    fields = INFO64.unpack(status64(fd))
     return fields[0], fields[1], fields[8]
 
 
-def attach(backing_fd: int, *, read_only: bool, name: str = "") -> LoopDevice:
-    """Bind a free host loop device to `backing_fd` (read-only if asked) and verify the result."""
+def attach(
+    backing_fd: int,
+    *,
+    read_only: bool,
+    name: str = "",
+    offset: int = 0,
+    sizelimit: int = 0,
+    flags: int = 0,
+    block_size: int = 0,
+) -> LoopDevice:
+    """Bind a free host loop device to `backing_fd` (read-only if asked) and verify the result.
+
+    `flags` adds LO_FLAGS_* (partscan, direct I/O); autoclear is always set.
+    """
     backing = os.fstat(backing_fd)
-    flags = LO_FLAGS_AUTOCLEAR | (LO_FLAGS_READ_ONLY if read_only else 0)
-    info = INFO64.pack(0, 0, 0, 0, 0, 0, 0, 0, flags, name.encode()[: LO_NAME_SIZE - 1], b"", b"", 0, 0)
-    config = CONFIG.pack(backing_fd, 0, info, *([0] * 8))
+    flags |= LO_FLAGS_AUTOCLEAR | (LO_FLAGS_READ_ONLY if read_only else 0)
+    info = INFO64.pack(0, 0, 0, offset, sizelimit, 0, 0, 0, flags, name.encode()[: LO_NAME_SIZE - 1], b"", b"", 0, 0)
+    config = CONFIG.pack(backing_fd, block_size, info, *([0] * 8))
     ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
     try:
         for attempt in range(_MAX_TRIES):
@@ -115,3 +136,16 @@ def wait_detached(numbers: list[int], timeout: float = 10.0) -> list[int]:
         time.sleep(0.01)
         left = [n for n in left if is_bound(n)]
     return left
+
+
+def device_size(fd: int) -> int:
+    """Size in bytes of the block device open on `fd`."""
+    buf = bytearray(8)
+    fcntl.ioctl(fd, BLKGETSIZE64, buf, True)
+    return int(struct.unpack("<Q", buf)[0])
+
+
+def logical_block_size(fd: int) -> int:
+    buf = bytearray(4)
+    fcntl.ioctl(fd, BLKSSZGET, buf, True)
+    return int(struct.unpack("<i", buf)[0])

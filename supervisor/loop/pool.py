@@ -1,0 +1,280 @@
+"""The private loop pool: a container's own /dev/loop-control and /dev/loopN, numbered from 0.
+
+The container holds nodes only for what is its own:
+
+* ``/dev/loop-control`` is a node of the null device (c 1:3); every loop request on it is
+  intercepted and answered from here, so the real loop-control is never in reach.
+* ``/dev/loopN`` of a bound device is a node of the host device that backs it (b 7:X), so
+  reads, writes and blkid work at full speed. The device cgroup allows exactly those.
+* ``/dev/loopN`` of a free device is a node of one placeholder host device per container, bound
+  to an empty memfd: a block device the container may open (tools insist on S_ISBLK) that holds
+  nothing and that nobody else can be given. When the container binds slot N, a fresh host
+  device is bound to its file and the node is replaced; an fd opened before still refers to the
+  placeholder and is recognised by its inode.
+
+Lifetime: every host device is configured with autoclear, and the pool holds one fd on each
+bound device. Releasing a slot closes that fd; the kernel detaches the device once the
+container's own fds and mounts on it are gone. If the supervisor dies, its fds close and the
+same happens. Lock order: the pool is single-threaded; host allocation takes the device's
+BSD lock inside `device.attach`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from ..cgroup import DeviceCgroup
+from ..errors import KernelError
+from . import quota
+from .device import (
+    INFO64,
+    LO_FLAGS_AUTOCLEAR,
+    LO_FLAGS_DIRECT_IO,
+    LO_FLAGS_PARTSCAN,
+    LO_FLAGS_READ_ONLY,
+    LoopDevice,
+    attach,
+    device_size,
+    logical_block_size,
+    status64,
+)
+from .sysview import LoopState, SysView
+
+LOOP_MAJOR: Final = 7
+NODE_MODE: Final = 0o660
+
+
+@dataclass
+class Slot:
+    """Container loop device N: free (device None) or bound to a host device."""
+
+    number: int
+    node_ino: int
+    device: LoopDevice | None = None
+    backing_path: str = ""
+    autoclear: bool = False
+    ticket: quota.Ticket | None = None
+
+    @property
+    def host(self) -> LoopDevice:
+        if self.device is None:
+            raise KernelError(errno.ENXIO, f"/dev/loop{self.number} is not bound to a file")
+        return self.device
+
+
+@dataclass(frozen=True)
+class BindRequest:
+    """What the container asked LOOP_SET_FD / LOOP_CONFIGURE for, on its own backing fd."""
+
+    backing_fd: int
+    backing_path: str
+    read_only: bool
+    offset: int = 0
+    sizelimit: int = 0
+    flags: int = 0
+    block_size: int = 0
+    name: str = ""
+
+
+class LoopPool:
+    """One container's loop devices; `close` releases them all."""
+
+    def __init__(
+        self,
+        *,
+        dev_fd: int,
+        sysview: SysView,
+        owner: tuple[int, int],
+        limit: int,
+        host_uid: int,
+        per_uid_limit: int,
+        cgroups: Sequence[DeviceCgroup],
+    ) -> None:
+        self.dev_fd, self.sysview, self.owner = dev_fd, sysview, owner
+        self.limit, self.host_uid, self.per_uid_limit = limit, host_uid, per_uid_limit
+        self.cgroups = list(cgroups)
+        self.slots: dict[int, Slot] = {}
+        self.by_ino: dict[int, int] = {}  # node inode (current or replaced) -> slot number
+        self.dev_st_dev = os.fstat(dev_fd).st_dev
+        self.control_ino = -1
+        self.placeholder: LoopDevice | None = None
+        self._memfd = -1
+
+    # --- set-up and teardown -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Create the placeholder, /dev/loop-control and one free node per allowed device."""
+        self._memfd = os.memfd_create("mountwarden-free-loop", os.MFD_CLOEXEC)
+        self.placeholder = attach(self._memfd, read_only=False, name="mountwarden free loop device")
+        self._grant(self.placeholder.rdev)
+        self.control_ino = self._make_node("loop-control", stat.S_IFCHR, os.makedev(1, 3))
+        for number in range(self.limit):
+            self._add(number)
+
+    def close(self) -> list[int]:
+        """Release every slot and the placeholder; returns the host device numbers involved."""
+        numbers = [slot.device.number for slot in self.slots.values() if slot.device]
+        for slot in list(self.slots.values()):
+            if slot.device is not None:
+                self._release(slot)
+        if self.placeholder is not None:
+            numbers.append(self.placeholder.number)
+            self.placeholder.close()
+            self.placeholder = None
+        if self._memfd >= 0:
+            os.close(self._memfd)
+            self._memfd = -1
+        return numbers
+
+    # --- identification ----------------------------------------------------------------------
+
+    def is_control(self, st: os.stat_result) -> bool:
+        return st.st_dev == self.dev_st_dev and st.st_ino == self.control_ino
+
+    def slot_for(self, st: os.stat_result) -> Slot | None:
+        """The slot an fd or path refers to: by its node's inode, or a bound device's number."""
+        if st.st_dev == self.dev_st_dev and st.st_ino in self.by_ino:
+            return self.slots.get(self.by_ino[st.st_ino])
+        if stat.S_ISBLK(st.st_mode):
+            return self.slot_for_rdev(st.st_rdev)
+        return None
+
+    def slot_for_rdev(self, rdev: int) -> Slot | None:
+        return next((s for s in self.slots.values() if s.device and s.device.rdev == rdev), None)
+
+    def slot_for_host(self, number: int) -> Slot | None:
+        return next((s for s in self.slots.values() if s.device and s.device.number == number), None)
+
+    # --- loop-control ------------------------------------------------------------------------
+
+    def get_free(self) -> int:
+        """LOOP_CTL_GET_FREE: the lowest free number, creating its node if it was removed."""
+        for number in range(self.limit):
+            slot = self.slots.get(number)
+            if slot is None:
+                self._add(number)
+                return number
+            if slot.device is None:
+                return number
+        raise KernelError(errno.ENOSPC, f"this container already uses its limit of {self.limit} loop devices")
+
+    def add(self, number: int) -> int:
+        """LOOP_CTL_ADD."""
+        if number in self.slots:
+            raise KernelError(errno.EEXIST, f"/dev/loop{number} exists")
+        if not 0 <= number < self.limit:
+            raise KernelError(errno.ENOSPC, f"loop device numbers in this container end at {self.limit - 1}")
+        self._add(number)
+        return number
+
+    def remove(self, number: int) -> None:
+        """LOOP_CTL_REMOVE."""
+        slot = self.slots.get(number)
+        if slot is None:
+            raise KernelError(errno.ENODEV, f"/dev/loop{number} does not exist")
+        if slot.device is not None:
+            raise KernelError(errno.EBUSY, f"/dev/loop{number} is bound")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"loop{number}", dir_fd=self.dev_fd)
+        self.sysview.remove(number)
+        del self.slots[number]
+
+    # --- binding -----------------------------------------------------------------------------
+
+    def bind(self, slot: Slot, req: BindRequest) -> None:
+        """LOOP_SET_FD / LOOP_CONFIGURE: a fresh host device on the container's own file."""
+        if slot.device is not None:
+            raise KernelError(errno.EBUSY, f"/dev/loop{slot.number} is already bound")
+        ticket = quota.acquire(self.host_uid, self.per_uid_limit)
+        try:
+            host_flags = req.flags & (LO_FLAGS_PARTSCAN | LO_FLAGS_DIRECT_IO)
+            device = attach(
+                req.backing_fd, read_only=req.read_only, name=req.name or req.backing_path, offset=req.offset,
+                sizelimit=req.sizelimit, flags=host_flags, block_size=req.block_size,
+            )  # fmt: skip
+        except BaseException:
+            ticket.release()
+            raise
+        slot.device, slot.ticket = device, ticket
+        slot.backing_path = req.backing_path
+        slot.autoclear = bool(req.flags & LO_FLAGS_AUTOCLEAR)
+        self._grant(device.rdev)
+        self._replace_node(slot, device.rdev)
+        self.refresh(slot)
+
+    def refresh(self, slot: Slot) -> None:
+        """Bring the sysfs view of a bound slot up to date with the device."""
+        device = slot.host
+        info = INFO64.unpack(status64(device.fd))
+        flags = info[8]
+        size = device_size(device.fd)
+        state = LoopState(
+            backing_file=slot.backing_path, offset=info[3], sizelimit=info[4], autoclear=slot.autoclear,
+            partscan=bool(flags & LO_FLAGS_PARTSCAN), read_only=bool(flags & LO_FLAGS_READ_ONLY),
+            direct_io=bool(flags & LO_FLAGS_DIRECT_IO), size_bytes=size, block_size=logical_block_size(device.fd),
+        )  # fmt: skip
+        self.sysview.bind(slot.number, device.rdev, state)
+
+    def clear(self, slot: Slot, busy: Callable[[int], bool]) -> None:
+        """LOOP_CLR_FD: detach now, or, like the kernel, at last use if still mounted."""
+        device = slot.host
+        if busy(device.number):
+            slot.autoclear = True
+            self.refresh(slot)
+            return
+        self._release(slot)
+
+    def last_use_ended(self, host_number: int) -> None:
+        """A mount of a pool device went away: an autoclear slot is released now."""
+        slot = self.slot_for_host(host_number)
+        if slot is not None and slot.autoclear:
+            self._release(slot)
+
+    def _release(self, slot: Slot) -> None:
+        device = slot.host
+        assert self.placeholder is not None
+        self._replace_node(slot, self.placeholder.rdev)
+        self.sysview.unbind(slot.number, device.rdev, self.placeholder.rdev)
+        self._revoke(device.rdev)
+        device.close()  # autoclear: the host device goes once the container's fds on it close
+        if slot.ticket is not None:
+            slot.ticket.release()
+        slot.device, slot.ticket, slot.backing_path, slot.autoclear = None, None, "", False
+
+    # --- nodes and cgroups -------------------------------------------------------------------
+
+    def _add(self, number: int) -> None:
+        assert self.placeholder is not None
+        ino = self._make_node(f"loop{number}", stat.S_IFBLK, self.placeholder.rdev)
+        self.slots[number] = Slot(number, ino)
+        self.by_ino[ino] = number
+        self.sysview.add(number, self.placeholder.rdev)
+
+    def _replace_node(self, slot: Slot, rdev: int) -> None:
+        """Swap /dev/loopN for a node of `rdev` in one rename, so the name never dangles."""
+        ino = self._make_node(f".loop{slot.number}.new", stat.S_IFBLK, rdev)
+        os.rename(f".loop{slot.number}.new", f"loop{slot.number}", src_dir_fd=self.dev_fd, dst_dir_fd=self.dev_fd)
+        slot.node_ino = ino
+        self.by_ino[ino] = slot.number
+
+    def _make_node(self, name: str, kind: int, rdev: int) -> int:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=self.dev_fd)
+        os.mknod(name, kind | NODE_MODE, rdev, dir_fd=self.dev_fd)
+        os.chown(name, *self.owner, dir_fd=self.dev_fd, follow_symlinks=False)
+        os.chmod(name, NODE_MODE, dir_fd=self.dev_fd, follow_symlinks=False)
+        return os.stat(name, dir_fd=self.dev_fd, follow_symlinks=False).st_ino
+
+    def _grant(self, rdev: int) -> None:
+        for group in self.cgroups:
+            group.allow(("b", os.major(rdev), os.minor(rdev)))
+
+    def _revoke(self, rdev: int) -> None:
+        for group in self.cgroups:
+            group.deny(("b", os.major(rdev), os.minor(rdev)))

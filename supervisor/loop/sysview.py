@@ -1,0 +1,115 @@
+"""The container's own view of its loop devices in /sys, under container numbers.
+
+util-linux lists loop devices from /sys/block and reads each one's loop/backing_file, offset
+and sizelimit there, and finds a device's directory from its number through /sys/dev/block.
+The container's /sys/block, /sys/class/block and /sys/dev/block are empty tmpfs mounts made
+before its namespaces (so it cannot remove them); this module keeps them showing exactly the
+container's devices. All writes go through directory fds opened once, never through paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LoopState:
+    """What sysfs says about one bound device."""
+
+    backing_file: str
+    offset: int
+    sizelimit: int
+    autoclear: bool
+    partscan: bool
+    read_only: bool
+    direct_io: bool
+    size_bytes: int
+    block_size: int
+
+
+class SysView:
+    """Writes /sys/block/loopN, /sys/class/block/loopN and /sys/dev/block/M:m for the container."""
+
+    def __init__(self, block_fd: int, class_fd: int | None, dev_fd: int | None) -> None:
+        self.block_fd, self.class_fd, self.dev_fd = block_fd, class_fd, dev_fd
+
+    def add(self, number: int, rdev: int) -> None:
+        """An unbound device: its directory and device number, no loop/ attributes."""
+        name = f"loop{number}"
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o755, dir_fd=self.block_fd)
+        self._write(f"{name}/dev", f"{os.major(rdev)}:{os.minor(rdev)}")
+        for attr, value in (("size", "0"), ("ro", "0"), ("removable", "0"), ("range", "1")):
+            self._write(f"{name}/{attr}", value)
+        if self.class_fd is not None:
+            self._link(self.class_fd, name, f"../../block/{name}")
+
+    def bind(self, number: int, rdev: int, state: LoopState) -> None:
+        name = f"loop{number}"
+        self.add(number, rdev)
+        self._write(f"{name}/size", str(state.size_bytes // 512))
+        self._write(f"{name}/ro", "1" if state.read_only else "0")
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(f"{name}/loop", 0o755, dir_fd=self.block_fd)
+            os.mkdir(f"{name}/queue", 0o755, dir_fd=self.block_fd)
+        values = {
+            "loop/backing_file": state.backing_file,
+            "loop/offset": str(state.offset),
+            "loop/sizelimit": str(state.sizelimit),
+            "loop/autoclear": str(int(state.autoclear)),
+            "loop/partscan": str(int(state.partscan)),
+            "loop/dio": str(int(state.direct_io)),
+            "queue/logical_block_size": str(state.block_size),
+        }
+        for attr, value in values.items():
+            self._write(f"{name}/{attr}", value)
+        if self.dev_fd is not None:
+            self._link(self.dev_fd, f"{os.major(rdev)}:{os.minor(rdev)}", f"../../block/{name}")
+
+    def unbind(self, number: int, rdev: int, placeholder_rdev: int) -> None:
+        name = f"loop{number}"
+        for sub in ("loop", "queue"):
+            with contextlib.suppress(FileNotFoundError):
+                self._rmtree(f"{name}/{sub}")
+        if self.dev_fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{os.major(rdev)}:{os.minor(rdev)}", dir_fd=self.dev_fd)
+        self.add(number, placeholder_rdev)
+
+    def remove(self, number: int) -> None:
+        name = f"loop{number}"
+        with contextlib.suppress(FileNotFoundError):
+            self._rmtree(name)
+        if self.class_fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=self.class_fd)
+
+    def _rmtree(self, rel: str) -> None:
+        fd = os.open(rel, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.block_fd)
+        try:
+            for entry in os.listdir(fd):
+                if stat.S_ISDIR(os.stat(entry, dir_fd=fd, follow_symlinks=False).st_mode):
+                    self._rmtree(f"{rel}/{entry}")
+                else:
+                    os.unlink(entry, dir_fd=fd)
+        finally:
+            os.close(fd)
+        os.rmdir(rel, dir_fd=self.block_fd)
+
+    def _write(self, rel: str, value: str) -> None:
+        fd = os.open(
+            rel, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o444, dir_fd=self.block_fd
+        )
+        try:
+            os.write(fd, f"{value}\n".encode())
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _link(dir_fd: int, name: str, target: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=dir_fd)
+        os.symlink(target, name, dir_fd=dir_fd)
