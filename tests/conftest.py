@@ -146,6 +146,24 @@ def images(workdir: Path) -> dict[str, Path]:
     return {t: build_image(t, src, workdir / "img" / f"data.{t}") for t in ("ext4", "squashfs", "erofs")}
 
 
+@pytest.fixture(scope="session")
+def rootfs(workdir: Path, images: dict[str, Path], mountcall: Path) -> Path:
+    """A busybox root with an image inside and symlinks that try to lead outside."""
+    root = workdir / "rootfs"
+    for d in ("bin", "proc", "dev", "sys", "tmp", "mnt", "img"):
+        (root / d).mkdir(parents=True)
+    shutil.copy("/bin/busybox", root / "bin" / "busybox")
+    for tool in ("sh", "cat", "grep", "ls", "losetup", "mount", "umount"):
+        (root / "bin" / tool).symlink_to("busybox")
+    shutil.copy(mountcall, root / "bin" / "mountcall")
+    shutil.copy(images["ext4"], root / "img" / "data.ext4")
+    (root / "abs-escape").symlink_to(images["ext4"].parent)  # absolute host path
+    (root / "rel-escape").symlink_to("../" * 12 + str(images["ext4"].parent).lstrip("/"))
+    (root / "mnt-escape").symlink_to("../" * 12 + "tmp")
+    subprocess.run(["chmod", "-R", "a+rX", str(root)], check=True)
+    return root
+
+
 @dataclass
 class Run:
     returncode: int

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -90,24 +89,6 @@ def test_remount_of_read_only_image_cannot_make_it_writable(
     )
     run = run_container(tmp_path, script, policy=allow_policy(tmp_path, options=["ro"]))
     assert run.stdout.split() == ["OK", "EROFS", "OK", "EROFS"]
-
-
-@pytest.fixture(scope="session")
-def rootfs(workdir: Path, images: dict[str, Path], mountcall: Path) -> Path:
-    """A busybox root with an image inside and symlinks that try to lead outside."""
-    root = workdir / "rootfs"
-    for d in ("bin", "proc", "dev", "sys", "tmp", "mnt", "img"):
-        (root / d).mkdir(parents=True)
-    shutil.copy("/bin/busybox", root / "bin" / "busybox")
-    for tool in ("sh", "cat", "grep", "ls", "losetup", "mount", "umount"):
-        (root / "bin" / tool).symlink_to("busybox")
-    shutil.copy(mountcall, root / "bin" / "mountcall")
-    shutil.copy(images["ext4"], root / "img" / "data.ext4")
-    (root / "abs-escape").symlink_to(images["ext4"].parent)  # absolute host path
-    (root / "rel-escape").symlink_to("../" * 12 + str(images["ext4"].parent).lstrip("/"))
-    (root / "mnt-escape").symlink_to("../" * 12 + "tmp")
-    subprocess.run(["chmod", "-R", "a+rX", str(root)], check=True)
-    return root
 
 
 def test_paths_cannot_escape_the_rootfs(tmp_path: Path, rootfs: Path, images: dict[str, Path]) -> None:

@@ -2,7 +2,12 @@
 
 Every loop request number is intercepted, whatever the fd: on the pool's nodes it is answered
 here with loop(4)'s semantics and errnos, in container numbers; on a host loop device that is
-not the container's own it is refused; on anything else it gets ENOTTY, as natively. Backing
+not the container's own it is refused; on anything else it gets ENOTTY, as natively.
+
+The block size queries (BLKGETSIZE, BLKGETSIZE64) are intercepted too, for one case: an fd the
+container opened on a free /dev/loopN before binding it still refers to the pool's empty
+placeholder device, so its size is answered from the device the slot was bound to. On any
+other fd they run natively (CONTINUE: the answer depends on the fd alone). Backing
 files are the fds the container itself opened (taken with pidfd_getfd, never reopened by
 path), so the kernel has already checked the container's right to them.
 """
@@ -18,7 +23,7 @@ from collections.abc import Callable
 from typing import Final
 
 from ..errors import KernelError
-from ..loop.device import INFO64, LO_FLAGS_AUTOCLEAR, LO_FLAGS_READ_ONLY, status64
+from ..loop.device import INFO64, LO_FLAGS_AUTOCLEAR, LO_FLAGS_READ_ONLY, device_size, status64
 from ..loop.pool import LOOP_MAJOR, BindRequest, LoopPool, Slot
 from ..registry import Call
 from ..seccomp.notify import Response
@@ -37,6 +42,8 @@ LOOP_CONFIGURE: Final = 0x4C0A
 LOOP_CTL_ADD: Final = 0x4C80
 LOOP_CTL_REMOVE: Final = 0x4C81
 LOOP_CTL_GET_FREE: Final = 0x4C82
+BLKGETSIZE: Final = 0x1260
+BLKGETSIZE64: Final = 0x80081272
 # struct loop_info (the old ABI, x86-64/arm64 layout: long-sized dev_t fields).
 INFO_OLD: Final = struct.Struct("<i4xQQQiiii64s32s2Q4s4x")
 CONFIG_HEAD: Final = struct.Struct("<II")
@@ -74,6 +81,12 @@ def handle(call: Call) -> Response:
         os.close(ours)
     t.check()
     pool = call.session.pool
+    if request in SIZE_OPS:
+        slot = pool.slot_for(st) if pool is not None else None
+        if pool is None or slot is None or slot.device is None or st.st_ino == slot.node_ino:
+            call.audit.update(action="kernel-native")
+            return Response.continue_(call.notif.id)
+        return SIZE_OPS[request](Request(call, pool, slot, False, arg))
     if pool is not None and pool.is_control(st):
         op = CONTROL_OPS.get(request)
         slot = None
@@ -265,6 +278,18 @@ def _passthrough(request: int) -> Op:
     return op
 
 
+def _size(request: int, fmt: str) -> Op:
+    """The bound device's size, for an fd still on the placeholder (see the module docstring)."""
+
+    def op(r: Request) -> Response:
+        size = device_size(r.bound.host.fd)
+        r.call.target.write_bytes(r.arg, struct.pack(fmt, size if request == BLKGETSIZE64 else size // 512))
+        return r.done()
+
+    return op
+
+
+SIZE_OPS: Final[dict[int, Op]] = {BLKGETSIZE: _size(BLKGETSIZE, "<Q"), BLKGETSIZE64: _size(BLKGETSIZE64, "<Q")}
 CONTROL_OPS: Final[dict[int, Op]] = {LOOP_CTL_GET_FREE: _get_free, LOOP_CTL_ADD: _add, LOOP_CTL_REMOVE: _remove}
 DEVICE_OPS: Final[dict[int, Op]] = {
     LOOP_SET_FD: _set_fd,
@@ -280,5 +305,5 @@ DEVICE_OPS: Final[dict[int, Op]] = {
     LOOP_SET_BLOCK_SIZE: _passthrough(LOOP_SET_BLOCK_SIZE),
 }
 _NAMES: Final = {
-    value: name for name, value in globals().items() if name.startswith("LOOP_") and isinstance(value, int)
+    value: name for name, value in globals().items() if name.startswith(("LOOP_", "BLK")) and isinstance(value, int)
 }

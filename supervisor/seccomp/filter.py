@@ -9,9 +9,10 @@ around it):
   container would strip the ``nosuid,nodev`` the supervisor forced. Binds, moves and
   propagation changes copy flags unchanged and stay native at full speed.
 * ``umount2(2)`` (and i386's old ``umount``) notify.
-* ``ioctl(2)`` notifies for the loop requests (``0x4C00``-``0x4C0F`` and ``0x4C80``-``0x4C83``),
-  compared under a 32-bit mask: the kernel reads only the low 32 bits of the request, so an
-  exact 64-bit comparison could be bypassed with junk in the high half.
+* ``ioctl(2)`` notifies for the loop requests (``0x4C00``-``0x4C0F`` and ``0x4C80``-``0x4C83``)
+  and the two block size queries, compared under a 32-bit mask: the kernel reads only the
+  low 32 bits of the request, so an exact 64-bit comparison could be bypassed with junk in
+  the high half.
 * ``fsopen``, ``fsconfig``, ``fsmount``, ``fspick`` and ``mount_setattr`` fail with ENOSYS, as on a
   kernel before 5.2/5.12: libmount and systemd then fall back to ``mount(2)``, which is
   intercepted. ``mount_setattr`` is refused rather than served because it can clear
@@ -34,6 +35,9 @@ import pyseccomp as sc
 from .. import syscalls as sys_
 
 LOOP_IOCTL_MASKS: Final = ((0xFFFFFFF0, 0x4C00), (0xFFFFFFFC, 0x4C80))
+# Size queries a tool makes on the fd it just bound (util-linux checks the size after
+# LOOP_CONFIGURE): BLKGETSIZE and BLKGETSIZE64. See supervisor/handlers/loop_ioctl.py.
+BLOCK_SIZE_IOCTLS: Final = (0x1260, 0x80081272)
 NEW_MOUNT_API_SYSCALLS: Final = ("fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr")
 # A mount(2) with none of these creates a superblock.
 _NO_NEW_SB: Final = (
@@ -64,6 +68,8 @@ def build() -> sc.SyscallFilter:
     f.add_rule(sc.NOTIFY, "umount")
     for mask, value in LOOP_IOCTL_MASKS:
         f.add_rule(sc.NOTIFY, "ioctl", sc.Arg(1, sc.MASKED_EQ, mask, value))
+    for request in BLOCK_SIZE_IOCTLS:
+        f.add_rule(sc.NOTIFY, "ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFFFFFF, request))
     for name in NEW_MOUNT_API_SYSCALLS:
         f.add_rule(sc.ERRNO(errno.ENOSYS), name)
     return f

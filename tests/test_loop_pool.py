@@ -1,0 +1,211 @@
+"""The private loop pool with unmodified tools: util-linux on the host view, busybox in a rootfs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import allow_policy, make_tree, mountwarden, run_container, write_policy
+
+
+@pytest.fixture(scope="session")
+def part_image(workdir: Path) -> Path:
+    """An ext4 filesystem that starts 1 MiB into the file, as a partition would."""
+    src = make_tree(workdir / "part-src", {"p.txt": "partition\n"})
+    image = workdir / "img" / "part.img"
+    subprocess.run(["truncate", "-s", "12M", str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "offset=1048576", "-d", str(src), str(image), "8M"], check=True)
+    image.chmod(0o644)
+    return image
+
+
+@pytest.fixture
+def mnt(workdir: Path) -> Path:
+    path = workdir / "mnt"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def sh(*lines: str) -> list[str]:
+    return ["/bin/sh", "-c", "\n".join(lines)]
+
+
+def test_util_linux_losetup_and_mount(tmp_path: Path, images: dict[str, Path], part_image: Path, mnt: Path) -> None:
+    ext4, sq, erofs = images["ext4"], images["squashfs"], images["erofs"]
+    script = sh(
+        "losetup -f",
+        f"losetup --show -f -r {ext4}",
+        "losetup -a",
+        "losetup -l -n -O NAME,RO,AUTOCLEAR,BACK-FILE",
+        f"losetup -j {ext4}",
+        f"mount /dev/loop0 {mnt} && cat {mnt}/pub.txt && umount {mnt}",
+        "losetup -c /dev/loop0 && echo capacity-ok",
+        "losetup -d /dev/loop0 && losetup -a | wc -l",
+        f"losetup --show -f -r -o 1048576 --sizelimit 8388608 {part_image}",
+        "losetup -l -n -O NAME,OFFSET,SIZELIMIT",
+        f"mount -r /dev/loop0 {mnt} && cat {mnt}/p.txt && umount -d {mnt} && losetup -a | wc -l",
+        f"losetup --show -f -r -P {ext4}",
+        "cat /sys/block/loop0/loop/partscan; ls /dev/loop0p1 2>&1 | wc -l",
+        f"losetup -f -r {sq} && losetup -a | wc -l && losetup -D && losetup -a | wc -l",
+        f"mount -o loop,ro {erofs} {mnt} && cat {mnt}/pub.txt && losetup -a | wc -l",
+        f"umount {mnt} && losetup -a | wc -l",
+        f"mount -o loop=/dev/loop3,ro {sq} {mnt} && losetup -a && umount -d {mnt} && losetup -a | wc -l",
+    )
+    run = run_container(tmp_path, script, policy=allow_policy(tmp_path))
+    assert [" ".join(line.split()) for line in run.stdout.splitlines()] == [
+        "/dev/loop0",
+        "/dev/loop0",
+        f"/dev/loop0: [{os.stat(ext4).st_dev:04d}]:{os.stat(ext4).st_ino} ({ext4})",
+        f"/dev/loop0 1 0 {ext4}",
+        f"/dev/loop0: [{os.stat(ext4).st_dev:04d}]:{os.stat(ext4).st_ino} ({ext4})",
+        "public",
+        "capacity-ok",
+        "0",
+        "/dev/loop0",
+        "/dev/loop0 1048576 8388608",
+        "partition",
+        "0",
+        "/dev/loop0",
+        "1",  # partition scanning is on; this kernel has no partition table parsers, so no loop0p1
+        "1",
+        "2",
+        "0",
+        "public",
+        "1",
+        "0",  # mount -o loop set autoclear: the device went with the umount
+        f"/dev/loop3: [{os.stat(sq).st_dev:04d}]:{os.stat(sq).st_ino} ({sq})",
+        "0",
+    ], run.stderr
+    configure = [d for d in run.decisions("ioctl") if d.get("op") == "LOOP_CONFIGURE"]
+    assert configure and all(d["result"] == "OK" and d["host_device"].startswith("/dev/loop") for d in configure)
+
+
+def test_busybox_losetup_and_mount_in_rootfs(tmp_path: Path, rootfs: Path) -> None:
+    script = sh(
+        "losetup -f",
+        "losetup -r -f /img/data.ext4 && losetup -a",
+        "mount -r /dev/loop0 /mnt && cat /mnt/pub.txt && umount /mnt",
+        "losetup -d /dev/loop0 && losetup -a | wc -l",
+        "mount -o loop,ro /img/data.ext4 /mnt && cat /mnt/dir/nested.txt && umount /mnt",
+        "ls /sys/block | wc -l",
+    )
+    run = run_container(tmp_path, script, policy=allow_policy(tmp_path), rootfs=rootfs)
+    lines = run.stdout.splitlines()
+    assert lines[0] == "/dev/loop0", run.stderr
+    assert lines[1].startswith("/dev/loop0:") and lines[1].endswith("/img/data.ext4")
+    assert lines[2:] == ["public", "0", "nested", "8"], run.stderr
+
+
+def _start(tmp_path: Path, name: str, script: list[str], policy: Path) -> tuple[subprocess.Popen[str], Path]:
+    log = tmp_path / f"{name}.log"
+    cmd = mountwarden("run", "--name", name, "--audit-log", str(log), "--policy", str(policy), "--", *script)
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, log
+
+
+def test_two_containers_each_have_their_own_loop0(tmp_path: Path, images: dict[str, Path]) -> None:
+    policy = allow_policy(tmp_path)
+    procs = {}
+    for name, fstype in (("one", "ext4"), ("two", "squashfs")):
+        script = sh(f"losetup --show -f -r {images[fstype]}", "losetup -a", "ls /sys/block/*/loop -d", "read line")
+        procs[name] = _start(tmp_path, name, script, policy)
+    try:
+        seen = {}
+        for name, (proc, _) in procs.items():
+            assert proc.stdout
+            seen[name] = [proc.stdout.readline().strip() for _ in range(3)]
+        assert seen["one"][0] == seen["two"][0] == "/dev/loop0"
+        assert seen["one"][1].endswith(f"({images['ext4']})") and seen["two"][1].endswith(f"({images['squashfs']})")
+        assert seen["one"][2] == seen["two"][2] == "/sys/block/loop0/loop"  # each sees one bound device: its own
+        host = {
+            line.split(":")[0]
+            for line in subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout.splitlines()
+        }
+        assert len([d for d in host if d]) >= 2  # two distinct host devices back the two loop0s
+    finally:
+        for proc, _ in procs.values():
+            proc.communicate("\n", timeout=30)
+    assert all(proc.returncode == 0 for proc, _ in procs.values())
+
+
+def test_limit_per_container_and_per_host_uid(tmp_path: Path, images: dict[str, Path]) -> None:
+    ext4 = images["ext4"]
+    small = write_policy(
+        tmp_path / "small.yaml",
+        [{"name": "all", "match": {"source": "/**"}, "action": "kernel"}],
+    )
+    small.write_text(small.read_text() + "limits: {loop_devices: 2}\n")
+    run = run_container(tmp_path, sh(*[f"losetup -f -r {ext4} 2>&1; echo rc=$?" for _ in range(3)]), policy=small)
+    assert run.stdout.splitlines()[:2] == ["rc=0", "rc=0"]
+    assert "cannot find an unused loop device" in run.stdout and run.stdout.endswith("rc=1\n")
+    denied = [d for d in run.decisions("ioctl") if d["result"] == "ENOSPC"]
+    assert denied and "limit of 2" in denied[0]["error"]
+
+    per_uid = allow_policy(tmp_path)
+    per_uid.write_text(per_uid.read_text() + "limits: {loop_devices_per_host_uid: 1}\n")
+    run = run_container(tmp_path, sh(*[f"losetup -f -r {ext4} 2>&1; echo rc=$?" for _ in range(2)]), policy=per_uid)
+    assert run.stdout.splitlines()[0] == "rc=0"
+    assert "No space left on device" in run.stdout and run.stdout.endswith("rc=1\n")
+    assert any("host uid" in d.get("error", "") for d in run.decisions("ioctl"))
+
+
+@pytest.mark.parametrize("victim", ["container", "supervisor"])
+def test_kill_9_with_devices_bound_and_mounted(tmp_path: Path, images: dict[str, Path], mnt: Path, victim: str) -> None:
+    script = sh(
+        f"losetup -f -r {images['ext4']}",
+        f"losetup -f -r {images['squashfs']}",
+        f"mount -o loop,ro {images['erofs']} {mnt}",
+        "losetup -a | wc -l",
+        "read line",
+    )
+    proc, log = _start(tmp_path, "victim", script, allow_policy(tmp_path))
+    assert proc.stdout and proc.stdout.readline().strip() == "3"
+    if victim == "container":
+        init = int(
+            subprocess.run(["pgrep", "-P", str(_waiter(proc.pid))], capture_output=True, text=True).stdout.split()[0]
+        )
+        os.kill(init, signal.SIGKILL)
+    else:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    if victim == "supervisor":
+        deadline = time.monotonic() + 10
+        while not subprocess.run(mountwarden("gc"), capture_output=True, text=True).stdout:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    # no_leaks: every host loop device (bound, mounted and the placeholder) is gone
+
+
+def _waiter(supervisor: int) -> int:
+    """The supervisor's child that is not its namespace helper: the container's waiter."""
+    children = subprocess.run(["pgrep", "-P", str(supervisor)], capture_output=True, text=True).stdout.split()
+    owners = {int(c): os.stat(f"/proc/{c}").st_uid for c in children}
+    return next(pid for pid, uid in owners.items() if uid != 0)
+
+
+def test_fifty_attach_detach_cycles_leave_nothing(tmp_path: Path, images: dict[str, Path], mnt: Path) -> None:
+    ext4 = images["ext4"]
+    script = sh(
+        f"for i in $(seq 50); do losetup -f -r {ext4} && losetup -d /dev/loop0 || echo fail $i; done",
+        f"for i in $(seq 10); do mount -o loop,ro {ext4} {mnt} && umount {mnt} || echo mfail $i; done",
+        "losetup -a | wc -l",
+    )
+    run = run_container(tmp_path, script, policy=allow_policy(tmp_path), timeout=120)
+    assert run.stdout.split() == ["0"], run.stderr
+
+
+def test_concurrent_allocation_with_host_losetup(tmp_path: Path, images: dict[str, Path]) -> None:
+    """Two containers and the host race for free host devices; nobody collides or fails."""
+    ext4 = images["ext4"]
+    script = sh(f"for i in $(seq 20); do losetup -f -r {ext4} && losetup -d /dev/loop0 || echo fail; done; echo done")
+    policy = allow_policy(tmp_path)
+    procs = [_start(tmp_path, f"race{i}", script, policy)[0] for i in range(2)]
+    for _ in range(20):
+        dev = subprocess.run(["losetup", "--show", "-f", "-r", str(ext4)], capture_output=True, text=True, check=True)
+        subprocess.run(["losetup", "-d", dev.stdout.strip()], check=True)
+    outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    assert outputs == ["done\n", "done\n"]
