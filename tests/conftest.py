@@ -164,6 +164,31 @@ def rootfs(workdir: Path, images: dict[str, Path], mountcall: Path) -> Path:
     return root
 
 
+UTIL_LINUX_TOOLS = ("losetup", "mount", "umount", "sh", "cat", "wc", "ls")
+
+
+@pytest.fixture(scope="session")
+def debian_rootfs(workdir: Path, images: dict[str, Path]) -> Path:
+    """A root holding the host's own util-linux and shell binaries with the libraries they load."""
+    root = workdir / "debian-rootfs"
+    for d in ("proc", "dev", "sys", "tmp", "mnt", "img", "usr/bin", "usr/sbin", "usr/lib", "usr/lib64"):
+        (root / d).mkdir(parents=True)
+    for link in ("bin", "sbin", "lib", "lib64"):
+        (root / link).symlink_to(f"usr/{link}")
+    binaries = [shutil.which(tool) or tool for tool in UTIL_LINUX_TOOLS]
+    ldd = subprocess.run(["ldd", *binaries], capture_output=True, text=True, check=True).stdout
+    libs = {p for line in ldd.splitlines() for p in line.split() if p.startswith("/") and not p.endswith(":")}
+    for lib in libs:  # at the path the binaries ask for; /lib and /lib64 lead into usr/ as on Debian
+        dest = root / lib.lstrip("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(lib).resolve(), dest)
+    for tool, path in zip(UTIL_LINUX_TOOLS, binaries, strict=True):
+        shutil.copy(Path(path).resolve(), root / "usr" / "bin" / tool)
+    shutil.copy(images["ext4"], root / "img" / "data.ext4")
+    subprocess.run(["chmod", "-R", "a+rX", str(root)], check=True)
+    return root
+
+
 @dataclass
 class Run:
     returncode: int

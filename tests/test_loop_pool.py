@@ -209,3 +209,32 @@ def test_concurrent_allocation_with_host_losetup(tmp_path: Path, images: dict[st
         subprocess.run(["losetup", "-d", dev.stdout.strip()], check=True)
     outputs = [proc.communicate(timeout=120)[0] for proc in procs]
     assert outputs == ["done\n", "done\n"]
+
+
+def test_util_linux_in_a_rootfs(tmp_path: Path, debian_rootfs: Path) -> None:
+    script = sh(
+        "losetup --show -f -r /img/data.ext4",
+        "losetup -a",
+        "mount -o loop,ro /img/data.ext4 /mnt && cat /mnt/pub.txt && losetup -a | wc -l && umount /mnt",
+        "losetup -D && losetup -a | wc -l",
+    )
+    run = run_container(tmp_path, script, policy=allow_policy(tmp_path), rootfs=debian_rootfs)
+    lines = run.stdout.splitlines()
+    assert lines[0] == "/dev/loop0", run.stderr
+    assert lines[1].startswith("/dev/loop0: ") and lines[1].endswith("(/img/data.ext4)")
+    assert lines[2:] == ["public", "1", "0"], run.stderr  # mount -o loop reused the device bound to the same file
+
+
+def test_busybox_in_the_host_view(tmp_path: Path, images: dict[str, Path], mnt: Path) -> None:
+    bb, ext4 = "/bin/busybox", images["ext4"]
+    script = sh(
+        f"{bb} losetup -f",
+        f"{bb} losetup -r -f {ext4} && {bb} losetup -a",
+        f"{bb} mount -o loop,ro {ext4} {mnt} && cat {mnt}/pub.txt && {bb} umount {mnt}",
+        f"{bb} losetup -d /dev/loop0 && {bb} losetup -a | wc -l",
+    )
+    run = run_container(tmp_path, script, policy=allow_policy(tmp_path))
+    lines = run.stdout.splitlines()
+    assert lines[0] == "/dev/loop0", run.stderr
+    assert lines[1].startswith("/dev/loop0: ") and lines[1].endswith(str(ext4))
+    assert lines[2:] == ["public", "0"], run.stderr
