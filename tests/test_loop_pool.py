@@ -108,7 +108,11 @@ def _start(tmp_path: Path, name: str, script: list[str], policy: Path) -> tuple[
 
 
 def test_two_containers_each_have_their_own_loop0(tmp_path: Path, images: dict[str, Path]) -> None:
+    """Each sees exactly its own device as /dev/loop0: not the other's, not one the host bound."""
     policy = allow_policy(tmp_path)
+    host_dev = subprocess.run(
+        ["losetup", "--show", "-f", "-r", str(images["erofs"])], capture_output=True, text=True, check=True
+    ).stdout.strip()
     procs = {}
     for name, fstype in (("one", "ext4"), ("two", "squashfs")):
         script = sh(f"losetup --show -f -r {images[fstype]}", "losetup -a", "ls /sys/block/*/loop -d", "read line")
@@ -129,6 +133,7 @@ def test_two_containers_each_have_their_own_loop0(tmp_path: Path, images: dict[s
     finally:
         for proc, _ in procs.values():
             proc.communicate("\n", timeout=30)
+        subprocess.run(["losetup", "-d", host_dev], check=True)
     assert all(proc.returncode == 0 for proc, _ in procs.values())
 
 
