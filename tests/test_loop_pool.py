@@ -243,3 +243,76 @@ def test_busybox_in_the_host_view(tmp_path: Path, images: dict[str, Path], mnt: 
     assert lines[0] == "/dev/loop0", run.stderr
     assert lines[1].startswith("/dev/loop0: ") and lines[1].endswith(str(ext4))
     assert lines[2:] == ["public", "0"], run.stderr
+
+
+RAW_IOCTLS = r"""
+import errno, fcntl, os, struct, sys
+image, copy = sys.argv[1], sys.argv[2]
+INFO64 = struct.Struct("<5Q4I64s64s32s2Q")
+OLD = struct.Struct("<i4xQQQiiii64s32s2Q4s4x")
+
+def call(fd, request, arg=0):
+    try:
+        return fcntl.ioctl(fd, request, arg)
+    except OSError as exc:
+        return errno.errorcode[exc.errno]
+
+def ok(result):
+    return result if isinstance(result, str) else 0
+
+ctl = os.open("/dev/loop-control", os.O_RDWR)
+print("add-existing", call(ctl, 0x4C80, 5))
+print("remove", call(ctl, 0x4C81, 5), os.path.exists("/dev/loop5"))
+print("add", call(ctl, 0x4C80, 5), os.path.exists("/dev/loop5"))
+print("remove-missing", call(ctl, 0x4C81, 9))
+print("add-beyond-limit", call(ctl, 0x4C80, 9))
+dev = os.open("/dev/loop0", os.O_RDWR)
+print("status-unbound", call(dev, 0x4C05, bytes(INFO64.size)))
+print("clear-unbound", call(dev, 0x4C01))
+backing = os.open(image, os.O_RDONLY)
+print("set-fd", call(dev, 0x4C00, backing))
+print("set-fd-again", call(dev, 0x4C00, backing))
+old = OLD.unpack(call(dev, 0x4C03, bytes(OLD.size)))
+print("old-status", old[0], old[7] & 1, old[8].rstrip(b"\0").decode() == image)
+info = list(INFO64.unpack(call(dev, 0x4C05, bytes(INFO64.size))))
+info[8] |= 4  # autoclear
+print("set-status64", ok(call(dev, 0x4C04, INFO64.pack(*info))), open("/sys/block/loop0/loop/autoclear").read().strip())
+print("direct-io", call(dev, 0x4C08, 0))
+print("block-size", call(dev, 0x4C09, 4096), open("/sys/block/loop0/queue/logical_block_size").read().strip())
+other = os.open(copy, os.O_RDONLY)
+print("change-fd", call(dev, 0x4C06, other), open("/sys/block/loop0/loop/backing_file").read().strip() == copy)
+print("capacity", call(dev, 0x4C07))
+print("clear", call(dev, 0x4C01), os.path.exists("/sys/block/loop0/loop"))
+"""
+
+
+def test_every_loop_request_with_its_errnos(tmp_path: Path, images: dict[str, Path], workdir: Path) -> None:
+    copy = workdir / "img" / "copy.ext4"
+    copy.write_bytes(images["ext4"].read_bytes())
+    copy.chmod(0o644)
+    try:
+        run = run_container(
+            tmp_path,
+            ["/usr/bin/python3", "-c", RAW_IOCTLS, str(images["ext4"]), str(copy)],
+            policy=allow_policy(tmp_path),
+        )
+    finally:
+        copy.unlink()
+    assert run.stdout.splitlines() == [
+        "add-existing EEXIST",
+        "remove 0 False",
+        "add 5 True",
+        "remove-missing ENODEV",
+        "add-beyond-limit ENOSPC",
+        "status-unbound ENXIO",
+        "clear-unbound ENXIO",
+        "set-fd 0",
+        "set-fd-again EBUSY",
+        "old-status 0 1 True",  # container number 0, read-only (the fd was), the container's path
+        "set-status64 0 1",
+        "direct-io 0",
+        "block-size 0 4096",
+        "change-fd 0 True",
+        "capacity 0",
+        "clear 0 False",
+    ], run.stderr
