@@ -116,6 +116,14 @@ def mountcall(workdir: Path) -> Path:
     return out
 
 
+@pytest.fixture
+def mnt(workdir: Path) -> Path:
+    """A mount point the container's root may use."""
+    path = workdir / "mnt"
+    path.mkdir(exist_ok=True)
+    return path
+
+
 def make_tree(root: Path, files: dict[str, str] = CONTENT) -> Path:
     for rel, text in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -23,13 +23,6 @@ def part_image(workdir: Path) -> Path:
     return image
 
 
-@pytest.fixture
-def mnt(workdir: Path) -> Path:
-    path = workdir / "mnt"
-    path.mkdir(exist_ok=True)
-    return path
-
-
 def sh(*lines: str) -> list[str]:
     return ["/bin/sh", "-c", "\n".join(lines)]
 

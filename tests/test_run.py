@@ -17,13 +17,6 @@ from conftest import REPO, allow_policy, calls, mountwarden, read_audit, run_con
 IMAGES_POLICY = REPO / "policies" / "examples" / "images.yaml"
 
 
-@pytest.fixture
-def mnt(workdir: Path) -> Path:
-    path = workdir / "mnt"
-    path.mkdir(exist_ok=True)
-    return path
-
-
 @pytest.mark.parametrize("fstype", ["ext4", "squashfs", "erofs"])
 def test_container_mounts_and_reads_image(
     tmp_path: Path, images: dict[str, Path], mountcall: Path, mnt: Path, fstype: str

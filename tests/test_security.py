@@ -25,13 +25,6 @@ def hostile_image(workdir: Path, mountcall: Path, images: dict[str, Path]) -> Pa
     return build_image("ext4", src, workdir / "img" / "hostile.ext4")
 
 
-@pytest.fixture
-def mnt(workdir: Path) -> Path:
-    path = workdir / "mnt"
-    path.mkdir(exist_ok=True)
-    return path
-
-
 def _sh(*lines: str) -> list[str]:
     return ["/bin/sh", "-c", "; ".join(lines)]
 

@@ -23,29 +23,35 @@ from collections.abc import Callable
 from typing import Final
 
 from ..errors import KernelError
-from ..loop.device import INFO64, LO_FLAGS_AUTOCLEAR, LO_FLAGS_READ_ONLY, device_size, status64
-from ..loop.pool import LOOP_MAJOR, BindRequest, LoopPool, Slot
+from ..loop.abi import (
+    BLKGETSIZE,
+    BLKGETSIZE64,
+    INFO64,
+    INFO_OLD,
+    LO_FLAGS_AUTOCLEAR,
+    LO_FLAGS_READ_ONLY,
+    LOOP_CHANGE_FD,
+    LOOP_CLR_FD,
+    LOOP_CONFIGURE,
+    LOOP_CTL_ADD,
+    LOOP_CTL_GET_FREE,
+    LOOP_CTL_REMOVE,
+    LOOP_GET_STATUS,
+    LOOP_GET_STATUS64,
+    LOOP_MAJOR,
+    LOOP_SET_BLOCK_SIZE,
+    LOOP_SET_CAPACITY,
+    LOOP_SET_DIRECT_IO,
+    LOOP_SET_FD,
+    LOOP_SET_STATUS,
+    LOOP_SET_STATUS64,
+    NAMES,
+)
+from ..loop.device import device_size, status64
+from ..loop.pool import BindRequest, LoopPool, Slot
 from ..registry import Call
 from ..seccomp.notify import Response
 
-LOOP_SET_FD: Final = 0x4C00
-LOOP_CLR_FD: Final = 0x4C01
-LOOP_SET_STATUS: Final = 0x4C02
-LOOP_GET_STATUS: Final = 0x4C03
-LOOP_SET_STATUS64: Final = 0x4C04
-LOOP_GET_STATUS64: Final = 0x4C05
-LOOP_CHANGE_FD: Final = 0x4C06
-LOOP_SET_CAPACITY: Final = 0x4C07
-LOOP_SET_DIRECT_IO: Final = 0x4C08
-LOOP_SET_BLOCK_SIZE: Final = 0x4C09
-LOOP_CONFIGURE: Final = 0x4C0A
-LOOP_CTL_ADD: Final = 0x4C80
-LOOP_CTL_REMOVE: Final = 0x4C81
-LOOP_CTL_GET_FREE: Final = 0x4C82
-BLKGETSIZE: Final = 0x1260
-BLKGETSIZE64: Final = 0x80081272
-# struct loop_info (the old ABI, x86-64/arm64 layout: long-sized dev_t fields).
-INFO_OLD: Final = struct.Struct("<i4xQQQiiii64s32s2Q4s4x")
 CONFIG_HEAD: Final = struct.Struct("<II")
 CONFIG_SIZE: Final = 8 + INFO64.size + 64
 _INT_MAX: Final = 2**31 - 1
@@ -304,6 +310,4 @@ DEVICE_OPS: Final[dict[int, Op]] = {
     LOOP_SET_DIRECT_IO: _passthrough(LOOP_SET_DIRECT_IO),
     LOOP_SET_BLOCK_SIZE: _passthrough(LOOP_SET_BLOCK_SIZE),
 }
-_NAMES: Final = {
-    value: name for name, value in globals().items() if name.startswith(("LOOP_", "BLK")) and isinstance(value, int)
-}
+_NAMES: Final = NAMES

@@ -18,7 +18,7 @@ from typing import Final
 from .. import mountopts
 from .. import syscalls as s
 from ..errors import KernelError
-from ..loop.device import LO_FLAGS_AUTOCLEAR
+from ..loop.abi import LO_FLAGS_AUTOCLEAR
 from ..loop.pool import BindRequest, LoopPool, Slot
 from ..nshelper import Mount, SetAttr
 from ..paths import Resolved

@@ -21,20 +21,19 @@ from dataclasses import dataclass
 from typing import Final
 
 from ..errors import KernelError
+from .abi import (
+    BLKGETSIZE64,
+    BLKSSZGET,
+    CONFIG,
+    INFO64,
+    LO_FLAGS_AUTOCLEAR,
+    LO_FLAGS_READ_ONLY,
+    LO_NAME_SIZE,
+    LOOP_CONFIGURE,
+    LOOP_CTL_GET_FREE,
+    LOOP_GET_STATUS64,
+)
 
-LOOP_CONFIGURE: Final = 0x4C0A
-LOOP_GET_STATUS64: Final = 0x4C05
-LOOP_CTL_GET_FREE: Final = 0x4C82
-LO_FLAGS_READ_ONLY: Final = 1
-LO_FLAGS_AUTOCLEAR: Final = 4
-LO_FLAGS_PARTSCAN: Final = 8
-LO_FLAGS_DIRECT_IO: Final = 16
-BLKGETSIZE64: Final = 0x80081272
-BLKSSZGET: Final = 0x1268
-LO_NAME_SIZE: Final = 64
-# struct loop_info64 and struct loop_config (linux/loop.h)
-INFO64: Final = struct.Struct("<5Q4I64s64s32s2Q")
-CONFIG: Final = struct.Struct(f"<II{INFO64.size}s8Q")
 _RETRY_ERRNOS: Final = frozenset({errno.EBUSY, errno.ENOENT, errno.ENXIO, errno.EAGAIN})
 _MAX_TRIES: Final = 64
 

@@ -32,21 +32,10 @@ from typing import Final
 from ..cgroup import DeviceCgroup
 from ..errors import KernelError
 from . import quota
-from .device import (
-    INFO64,
-    LO_FLAGS_AUTOCLEAR,
-    LO_FLAGS_DIRECT_IO,
-    LO_FLAGS_PARTSCAN,
-    LO_FLAGS_READ_ONLY,
-    LoopDevice,
-    attach,
-    device_size,
-    logical_block_size,
-    status64,
-)
+from .abi import INFO64, LO_FLAGS_AUTOCLEAR, LO_FLAGS_DIRECT_IO, LO_FLAGS_PARTSCAN, LO_FLAGS_READ_ONLY
+from .device import LoopDevice, attach, device_size, logical_block_size, status64
 from .sysview import LoopState, SysView
 
-LOOP_MAJOR: Final = 7
 NODE_MODE: Final = 0o660
 
 
