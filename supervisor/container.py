@@ -128,7 +128,10 @@ def _send(sock: socket.socket, msg: dict[str, Any]) -> None:
 
 def _expect(sock: socket.socket, step: str) -> dict[str, Any]:
     raw = sock.recv(4096)
-    msg: dict[str, Any] = json.loads(raw) if raw else {"error": "the container exited during set-up"}
+    try:
+        msg: dict[str, Any] = json.loads(raw) if raw else {"error": "the container exited during set-up"}
+    except ValueError:
+        raise ContainerError(f"container set-up went out of step: expected {step!r}") from None
     if msg.get("step") != step:
         raise ContainerError(_reason(raw))
     return msg
@@ -169,10 +172,17 @@ def _waiter(spec: Spec, sock: socket.socket, supervisor: int) -> NoReturn:  # pr
         os.setgroups([])
         _die_with_parent(supervisor)  # a credential change clears the parent-death signal
         s.unshare(s.CLONE_NEWNS | s.CLONE_NEWPID | s.CLONE_NEWUTS | s.CLONE_NEWIPC)
+        # The init talks on the same socket: it waits until the supervisor has its pid first.
+        turn_r, turn_w = os.pipe()
         init = os.fork()
         if init == 0:
+            os.close(turn_w)
+            os.read(turn_r, 1)
+            os.close(turn_r)
             _init(spec, sock)
+        os.close(turn_r)
         _send(sock, {"step": "init", "pid": init})
+        os.close(turn_w)
         sock.close()
         _, status = os.waitpid(init, 0)
         code = os.waitstatus_to_exitcode(status)

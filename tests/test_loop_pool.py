@@ -113,8 +113,9 @@ def test_two_containers_each_have_their_own_loop0(tmp_path: Path, images: dict[s
     try:
         seen = {}
         for name, (proc, _) in procs.items():
-            assert proc.stdout
+            assert proc.stdout and proc.stderr
             seen[name] = [proc.stdout.readline().strip() for _ in range(3)]
+            assert seen[name][0], proc.stderr.read()
         assert seen["one"][0] == seen["two"][0] == "/dev/loop0"
         assert seen["one"][1].endswith(f"({images['ext4']})") and seen["two"][1].endswith(f"({images['squashfs']})")
         assert seen["one"][2] == seen["two"][2] == "/sys/block/loop0/loop"  # each sees one bound device: its own
