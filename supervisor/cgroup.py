@@ -13,6 +13,7 @@ import contextlib
 import errno
 import os
 import time
+from collections.abc import Sequence
 from typing import Final, Protocol
 
 from . import devfilter
@@ -80,40 +81,31 @@ class V1DeviceCgroup(_Dir):
 
 
 class V2DeviceCgroup(_Dir):
-    """The allow list lives in a BPF program; `allow` swaps in a new one atomically (BPF_F_REPLACE)."""
+    """The fixed rules live in a BPF program attached once; grants are entries of its map."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, rules: Sequence[devfilter.Rule]) -> None:
         super().__init__(path)
-        self.rules: list[devfilter.Rule] = []
-        self.prog_fd = -1
-
-    def allow(self, rule: devfilter.Rule) -> None:
-        self.rules.append(rule)
-        self._install()
-
-    def deny(self, rule: devfilter.Rule) -> None:
-        self.rules = [r for r in self.rules if r != rule]
-        self._install()
-
-    def _install(self) -> None:
-        prog = devfilter.load(self.rules)
-        dirfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.filter = devfilter.DeviceFilter(rules)
+        dirfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            devfilter.attach(dirfd, prog, self.prog_fd if self.prog_fd >= 0 else None)
-        except BaseException:
-            os.close(prog)
-            raise
+            self.filter.attach(dirfd)
         finally:
             os.close(dirfd)
-        if self.prog_fd >= 0:
-            os.close(self.prog_fd)
-        self.prog_fd = prog
+
+    def allow(self, rule: devfilter.Rule) -> None:
+        kind, major, minor = rule
+        if minor is None:
+            raise ValueError("device grants on cgroup v2 name one device")
+        self.filter.grant(kind, major, minor)
+
+    def deny(self, rule: devfilter.Rule) -> None:
+        kind, major, minor = rule
+        if minor is not None:
+            self.filter.revoke(kind, major, minor)
 
     def remove(self, timeout: float = 5.0) -> None:
         super().remove(timeout)  # removing the cgroup detaches its program
-        if self.prog_fd >= 0:
-            os.close(self.prog_fd)
-            self.prog_fd = -1
+        self.filter.close()
 
 
 def _v2_root() -> str | None:
@@ -140,10 +132,12 @@ def create(name: str) -> list[DeviceCgroup]:
             for rule in BASE_RULES:
                 v1.allow(rule)
         if (root := _v2_root()) is not None:
-            v2 = V2DeviceCgroup(_mkdir(root, leaf))
-            made.append(v2)
-            v2.rules.extend(BASE_RULES[:-1])
-            v2.allow(BASE_RULES[-1])
+            path = _mkdir(root, leaf)
+            try:
+                made.append(V2DeviceCgroup(path, BASE_RULES))
+            except BaseException:
+                os.rmdir(path)
+                raise
     except BaseException:
         for group in made:
             with contextlib.suppress(OSError):

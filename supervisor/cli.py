@@ -125,9 +125,11 @@ def _supervise(spec: Spec, policy: Policy) -> int:
         raise
     finally:
         code = container.wait()
-        session.close()
-        container.release()
-        os.close(sigfd)
+        try:
+            session.close()
+        finally:
+            container.release()
+            os.close(sigfd)
     return code
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,22 +106,21 @@ class Session:
             self.pool.last_use_ended(record.loop)
 
     def close(self) -> list[int]:
-        """Release everything; returns host loop devices that failed to detach in time (a leak)."""
+        """Release everything; returns host loop devices that failed to detach in time (a leak).
+
+        Each step runs even if an earlier one failed: a failure is logged, never allowed to
+        strand the rest.
+        """
         if self.closed:
             return []
         self.closed = True
-        if self.pool is not None:
-            self.loops.update(self.pool.close())
-            self.pool = None
-        while self._dirs:
-            os.close(self._dirs.pop())
-        if self.helper is not None:
-            self.helper.close()
-            self.helper = None
-        for fd in (self.listener, self.pidfd):
+        self._step("releasing the loop pool", self._close_pool)
+        self._step("stopping the namespace helper", self._close_helper)
+        for fd in (*self._dirs, self.listener, self.pidfd):
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
+        self._dirs.clear()
         self.listener = self.pidfd = -1
         self.mounts.clear()
         # Autoclear runs asynchronously once the namespace's last holder is gone.
@@ -129,3 +128,19 @@ class Session:
         if stuck:
             self.log.error("loop-devices-still-bound", devices=[f"/dev/loop{n}" for n in stuck])
         return stuck
+
+    def _step(self, what: str, action: Callable[[], None]) -> None:
+        try:
+            action()
+        except Exception:
+            self.log.exception("cleanup-step-failed", step=what)
+
+    def _close_pool(self) -> None:
+        if self.pool is not None:
+            pool, self.pool = self.pool, None
+            self.loops.update(pool.close(on_error=lambda what: self.log.exception("cleanup-step-failed", step=what)))
+
+    def _close_helper(self) -> None:
+        if self.helper is not None:
+            helper, self.helper = self.helper, None
+            helper.close()

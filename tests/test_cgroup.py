@@ -1,5 +1,5 @@
-"""Device cgroups: each mechanism the host has (v1 devices.allow, v2 BPF program) refuses
-devices off the allow list, and grants added later take effect."""
+"""Device cgroups: each mechanism the host has (v1 devices.allow, v2 BPF program and map) refuses
+devices off the allow list, and grants and revocations made later take effect."""
 
 from __future__ import annotations
 
@@ -62,6 +62,8 @@ def test_every_mechanism_refuses_devices_off_the_list(nodes: dict[str, Path]) ->
             assert _open_in(group, nodes["tun"]) == os.strerror(1), group.path  # EPERM
             group.allow(("c", *TUN))
             assert _open_in(group, nodes["tun"]) != os.strerror(1), group.path  # no longer the cgroup's refusal
+            group.deny(("c", *TUN))
+            assert _open_in(group, nodes["tun"]) == os.strerror(1), group.path
     finally:
         for group in groups:
             group.remove()

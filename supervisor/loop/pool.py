@@ -106,12 +106,23 @@ class LoopPool:
         for number in range(self.limit):
             self._add(number)
 
-    def close(self) -> list[int]:
-        """Release every slot and the placeholder; returns the host device numbers involved."""
+    def close(self, on_error: Callable[[str], None] | None = None) -> list[int]:
+        """Release every slot and the placeholder; returns the host device numbers involved.
+
+        A slot that fails to release is reported to `on_error` and the rest still go; its host
+        device still has autoclear, so closing the pool's fds below releases it anyway.
+        """
         numbers = [slot.device.number for slot in self.slots.values() if slot.device]
         for slot in list(self.slots.values()):
-            if slot.device is not None:
+            if slot.device is None:
+                continue
+            try:
                 self._release(slot)
+            except Exception:
+                if on_error is None:
+                    raise
+                on_error(f"releasing /dev/loop{slot.number}")
+                slot.host.close()
         if self.placeholder is not None:
             numbers.append(self.placeholder.number)
             self.placeholder.close()
