@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import logging
 import os
 import signal
 import sys
 from collections.abc import Iterator, Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
-from . import audit, cgroup, idmap
+from . import audit, cgroup, idmap, mountopts
 from . import syscalls as s
 from .container import FORWARDED, Container, ContainerError, Spec
-from .policy import Policy, PolicyError, load_policy
+from .policy import ContainerInfo, MountRequest, Policy, PolicyError, learn, load_policy
+from .probe import probe_fd
 from .seccomp import notify
 from .server import run_until_exit
 from .session import Session
@@ -39,6 +41,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--rootfs", metavar="DIR", help="pivot the container into DIR")
     run.add_argument("--name", default=None, help="container name (hostname, audit records)")
     run.add_argument("--audit-log", metavar="FILE", help="append audit records here instead of stderr")
+    run.add_argument(
+        "--learn",
+        metavar="FILE",
+        help="learn mode: serve what the policy would deny read-only (nosuid,nodev,noexec), log it as would-deny, "
+        "and write a policy allowing everything requested to FILE at exit",
+    )
     run.add_argument("-v", "--verbose", action="store_true", help="also log mount data (may hold credentials)")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARG]...")
     run.set_defaults(func=cmd_run)
@@ -48,6 +56,15 @@ def _parser() -> argparse.ArgumentParser:
     check = policy.add_parser("check", help="validate policy files")
     check.add_argument("paths", nargs="+")
     check.set_defaults(func=cmd_policy_check)
+    explain = policy.add_parser(
+        "explain",
+        help="which rule decides a mount, and why the earlier ones did not",
+        usage="mountwarden policy explain --policy PATH [--container NAME] -- mount [-t TYPE] [-o OPTS] SOURCE TARGET",
+    )
+    explain.add_argument("--policy", action="append", required=True, metavar="PATH")
+    explain.add_argument("--container", default="", metavar="NAME", help="the container name rules select on")
+    explain.add_argument("mount", nargs=argparse.REMAINDER, help="-- mount [-t TYPE] [-o OPTS] SOURCE TARGET")
+    explain.set_defaults(func=cmd_policy_explain)
     return parser
 
 
@@ -59,6 +76,71 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
         return 1
     print(f"ok: {len(loaded.rules)} rules from {len(loaded.files)} files")
     return 0
+
+
+def cmd_policy_explain(args: argparse.Namespace) -> int:
+    """Exit 0 when the mount would be served, 1 when denied, 2 on bad input."""
+    words = args.mount[1:] if args.mount[:1] == ["--"] else args.mount
+    if words[:1] != ["mount"]:
+        print(
+            "mountwarden policy explain: give the mount command after --, e.g. -- mount -o ro IMG DIR", file=sys.stderr
+        )
+        return 2
+    parser = argparse.ArgumentParser(prog="mount", add_help=False)
+    parser.add_argument("-t", dest="fstype")
+    parser.add_argument("-o", dest="options", default="")
+    parser.add_argument("-r", dest="ro", action="store_true")
+    parser.add_argument("source")
+    parser.add_argument("target")
+    try:
+        policy = load_policy(args.policy)
+        mount = parser.parse_args(words[1:])
+        request = explain_request(policy, mount, args.container)
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
+        print(f"mountwarden policy explain: {exc}", file=sys.stderr)
+        return 2
+    result = policy.explain(request)
+    for step in result.steps:
+        print(f"rule {step.rule!r}: {'matches' if step.matched else 'no match'}: {step.why}")
+    d = result.decision
+    forced = ",".join(["nosuid", "nodev", *d.options])
+    extra = f", options {forced}, idmap {'on' if d.idmap else 'off'}" if d.action != "deny" else ""
+    print(f"decision: {d.action} by {('rule ' + repr(d.rule)) if d.rule else 'default'}{extra}: {d.reason}")
+    return 1 if d.action == "deny" else 0
+
+
+def explain_request(policy: Policy, mount: argparse.Namespace, container: str) -> MountRequest:
+    """The request `mount` would make, with the facts probed from the image when it is readable."""
+    opts = mountopts.parse(0, mount.options)
+    fstype, size, digest = mount.fstype, None, None
+    try:
+        fd = os.open(mount.source, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        fd = -1
+    if fd >= 0:
+        try:
+            facts = probe_fd(fd)
+            fstype, size = facts.fstype or fstype, facts.size
+            digest = _file_digest(fd) if policy.needs_digest else None
+        finally:
+            os.close(fd)
+    if not fstype:
+        raise ValueError(f"cannot read {mount.source} to probe its type; pass -t TYPE")
+    return MountRequest(
+        os.path.abspath(mount.source), os.path.normpath(os.path.abspath(mount.target)), fstype,
+        opts.read_only or mount.ro, opts.fs_options, size=size, sha256=digest,
+        container=ContainerInfo(name=container),
+    )  # fmt: skip
+
+
+def _file_digest(fd: int) -> str:
+    h = hashlib.sha256()
+    while data := os.read(fd, 1 << 20):
+        h.update(data)
+    return h.hexdigest()
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
@@ -95,13 +177,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             idmap.reserve("/etc/subgid"),
             os.path.abspath(args.rootfs) if args.rootfs else None,
         )
-        return _supervise(spec, policy)
+        return _supervise(spec, args.policy, policy, args.learn)
 
 
-def _supervise(spec: Spec, policy: Policy) -> int:
+def _supervise(spec: Spec, policy_paths: list[str], policy: Policy, learn: str | None) -> int:
     log = audit.logger(container=spec.name)
-    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
-    sigfd = s.signalfd(list(FORWARDED))
+    handled: list[int] = [*FORWARDED, signal.SIGHUP]
+    signal.pthread_sigmask(signal.SIG_BLOCK, handled)
+    sigfd = s.signalfd(handled)
     try:
         container = Container.start(spec)
     except ContainerError as exc:
@@ -109,28 +192,52 @@ def _supervise(spec: Spec, policy: Policy) -> int:
         os.close(sigfd)
         return 126
     session = Session(spec.name, container.listener, container.init_pid, policy, log)
+    session.learned = [] if learn else None
+    session.info = ContainerInfo(name=spec.name, host_uid=spec.uids.start)
 
-    def forward() -> None:
+    def on_signal() -> None:
         while (sig := s.read_signal(sigfd)) is not None:
             signo, code = sig
-            if code != s.SI_KERNEL:  # a terminal's signal reached the container's processes already
+            if signo == signal.SIGHUP:
+                _reload(session, policy_paths)
+            elif code != s.SI_KERNEL:  # a terminal's signal reached the container's processes already
                 container.signal(signo)
 
     try:
         session.start((spec.uids.start, spec.gids.start), container.cgroups)
         container.go()
-        run_until_exit(session, container.pidfd, {sigfd: forward})
+        run_until_exit(session, container.pidfd, {sigfd: on_signal})
     except BaseException:
         container.kill()
         raise
     finally:
         code = container.wait()
         try:
+            if learn and session.learned is not None:
+                _write_learned(learn, session.learned, log)
             session.close()
         finally:
             container.release()
             os.close(sigfd)
     return code
+
+
+def _reload(session: Session, paths: list[str]) -> None:
+    """SIGHUP: swap in the policy as it now is on disk, or keep the running one if it is broken."""
+    try:
+        new = load_policy(paths)
+    except PolicyError as exc:
+        session.log.error("policy-reload-failed", error=str(exc), kept=list(session.policy.files))
+        return
+    session.reload(new)
+    session.log.info("policy-reloaded", files=list(new.files), rules=len(new.rules))
+
+
+def _write_learned(path: str, requests: list[MountRequest], log: Any) -> None:
+    """Learn mode: a policy allowing exactly what the workload asked for, for a human to review."""
+    with open(path, "w") as f:
+        f.write(learn.suggest(requests))
+    log.info("learned-policy-written", path=path, requests=len(requests))
 
 
 @contextlib.contextmanager

@@ -24,7 +24,8 @@ from . import syscalls as s
 from .idmap import IdRange
 from .seccomp import filter as seccomp_filter
 
-FORWARDED: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+# Signals passed on to the command. SIGHUP is the supervisor's own (it reloads the policy).
+FORWARDED: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 _DEV_NODES: Final = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
 # Where sysfs shows the host's block devices; each gets an empty tmpfs the loop pool fills.
 BLOCK_VIEWS: Final = ("block", "class/block", "dev/block", "devices/virtual/block")

@@ -40,6 +40,7 @@ class Mount:
     """
 
     op: ClassVar[str] = "mount"
+    idmap: bool  # fds[1] is the container's user namespace: map the mount's ids through it
     driver: str
     source: str
     expected_dev: int
@@ -156,10 +157,22 @@ def _mount(req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
     try:
         if mnt.dev != req["expected_dev"]:
             raise KernelError(errno.EXDEV, "the device node changed while it was being mounted", req["source"])
+        idmapped = req["idmap"] and _idmap(mnt.fd, fds[1])
         s.move_mount(mnt.fd, fds[0])
     finally:
         mnt.close()
-    return {"mnt_id": mnt.mnt_id, "dev": mnt.dev, "root_ino": mnt.root_ino}
+    return {"mnt_id": mnt.mnt_id, "dev": mnt.dev, "root_ino": mnt.root_ino, "idmapped": idmapped}
+
+
+def _idmap(mnt_fd: int, userns_fd: int) -> bool:
+    """Idmap the detached mount; False where the filesystem does not support idmapped mounts."""
+    try:
+        s.mount_setattr(mnt_fd, s.MOUNT_ATTR_IDMAP, 0, userns_fd)
+    except KernelError as exc:
+        if exc.errno == errno.EINVAL:  # the filesystem lacks FS_ALLOW_IDMAP
+            return False
+        raise
+    return True
 
 
 def _umount(req: dict[str, Any], fds: list[int]) -> dict[str, Any]:

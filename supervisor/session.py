@@ -20,7 +20,7 @@ from .cgroup import DeviceCgroup
 from .loop.pool import LoopPool
 from .loop.sysview import SysView
 from .nshelper import NsHelper
-from .policy import Policy
+from .policy import ContainerInfo, MountRequest, Policy
 from .syscalls import pidfd_open
 
 
@@ -55,6 +55,9 @@ class Session:
     pidfd: int = -1
     helper: NsHelper | None = None
     pool: LoopPool | None = None
+    userns_fd: int = -1
+    learned: list[MountRequest] | None = None  # learn mode: every image mount requested
+    info: ContainerInfo = field(default_factory=ContainerInfo)  # what policy selectors see
     closed: bool = False
     _dirs: list[int] = field(default_factory=list)
 
@@ -67,6 +70,7 @@ class Session:
         """
         self.pidfd = pidfd_open(self.init_pid)
         self.helper = NsHelper.start(self.pidfd)
+        self.userns_fd = os.open(f"/proc/{self.init_pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
         root = f"/proc/{self.init_pid}/root"
         dev = self._dir(f"{root}/dev")
         views = [self._dir(f"{root}/sys/{view}") for view in ("block", "class/block", "dev/block")]
@@ -86,6 +90,13 @@ class Session:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         self._dirs.append(fd)
         return fd
+
+    def reload(self, policy: Policy) -> None:
+        """Use `policy` from the next request on; loop limits apply to devices bound from now on."""
+        self.policy = policy
+        if self.pool is not None:
+            self.pool.per_uid_limit = policy.limits.loop_devices_per_host_uid
+            self.pool.limit = policy.limits.loop_devices
 
     def nshelper(self) -> NsHelper:
         assert self.helper is not None, "session not started"
@@ -116,12 +127,12 @@ class Session:
         self.closed = True
         self._step("releasing the loop pool", self._close_pool)
         self._step("stopping the namespace helper", self._close_helper)
-        for fd in (*self._dirs, self.listener, self.pidfd):
+        for fd in (*self._dirs, self.listener, self.pidfd, self.userns_fd):
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._dirs.clear()
-        self.listener = self.pidfd = -1
+        self.listener = self.pidfd = self.userns_fd = -1
         self.mounts.clear()
         # Autoclear runs asynchronously once the namespace's last holder is gone.
         stuck = loop.wait_detached(sorted(self.loops))

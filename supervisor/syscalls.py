@@ -84,6 +84,7 @@ MOUNT_ATTR_NOATIME: Final = 0x10
 MOUNT_ATTR_STRICTATIME: Final = 0x20
 MOUNT_ATTR__ATIME: Final = 0x70
 MOUNT_ATTR_NODIRATIME: Final = 0x80
+MOUNT_ATTR_IDMAP: Final = 0x00100000
 MOVE_MOUNT_F_EMPTY_PATH: Final = 0x4
 MOVE_MOUNT_T_EMPTY_PATH: Final = 0x40
 AT_EMPTY_PATH: Final = 0x1000
@@ -200,8 +201,9 @@ class MountAttr(ctypes.Structure):
     ]
 
 
-def mount_setattr(fd: int, attr_set: int, attr_clr: int) -> None:
-    attr = MountAttr(attr_set, attr_clr, 0, 0)
+def mount_setattr(fd: int, attr_set: int, attr_clr: int, userns_fd: int = 0) -> None:
+    """Change the attributes of the mount `fd` refers to; `userns_fd` with MOUNT_ATTR_IDMAP."""
+    attr = MountAttr(attr_set, attr_clr, 0, userns_fd)
     _syscall(
         NR_MOUNT_SETATTR,
         fd,

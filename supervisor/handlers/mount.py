@@ -9,7 +9,9 @@ supervisor on its own copy of the arguments, or refused.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import hashlib
 import os
 import stat
 from dataclasses import dataclass
@@ -123,11 +125,12 @@ def _mount_image(call: Call, source: str, target: str, fstype: str | None, opts:
                 raise KernelError(errno.EINVAL, "the image holds no filesystem mountwarden recognises", src.image.path)
             if fstype not in (None, "", "auto", "none") and kernel_driver(fstype) != kernel_driver(facts.fstype):
                 raise KernelError(errno.EINVAL, f"the image is {facts.fstype}, not {fstype}", src.image.path)
-            request = MountRequest(src.policy_path, where.path, facts.fstype, opts.read_only, opts.fs_options)
-            decision = session.policy.evaluate(request)
-            call.audit.update(rule=decision.rule, action=decision.action, reason=decision.reason)
-            if decision.action != "kernel":
-                raise KernelError(decision.errno, decision.reason)
+            request = MountRequest(
+                src.policy_path, where.path, facts.fstype, opts.read_only, opts.fs_options, size=facts.size,
+                sha256=_digest(src.fd) if session.policy.needs_digest else None, container=session.info,
+                loop_devices=_pool(call).bound_count(),
+            )  # fmt: skip
+            decision = _decide(call, request)
             final = opts.with_forced(decision.options)
             mountopts.check_fs_options(facts.fstype, final.fs_options)
             if not final.read_only and src.slot is None:
@@ -140,6 +143,35 @@ def _mount_image(call: Call, source: str, target: str, fstype: str | None, opts:
     session.add(record)
     call.audit.update(loop=f"/dev/loop{record.slot}", host_loop=f"/dev/loop{record.loop}", options=final.describe())
     return Response.success(call.notif.id)
+
+
+def _decide(call: Call, request: MountRequest) -> Decision:
+    """Policy's verdict; in learn mode a denial is served the safest way and remembered."""
+    session = call.session
+    decision = session.policy.evaluate(request)
+    call.audit.update(rule=decision.rule, action=decision.action, reason=decision.reason)
+    if session.learned is not None:
+        session.learned.append(request)
+        if decision.action == "deny":
+            call.audit["action"] = "would-deny"
+            decision = dataclasses.replace(
+                decision, action="kernel", errno=0, options=("ro", "noexec"), reason="learn mode: served read-only"
+            )
+    if decision.action == "fuse":
+        raise KernelError(errno.ENODEV, "the FUSE handoff is not available yet; use action kernel or deny")
+    if decision.action != "kernel":
+        raise KernelError(decision.errno, decision.reason)
+    return decision
+
+
+def _digest(fd: int, chunk: int = 1 << 20) -> str:
+    """sha256 of the whole image, read through our fd (only when a rule matches on digests)."""
+    h = hashlib.sha256()
+    offset = 0
+    while data := os.pread(fd, chunk, offset):
+        h.update(data)
+        offset += len(data)
+    return h.hexdigest()
 
 
 def _attach(
@@ -156,10 +188,11 @@ def _attach(
     try:
         call.target.check()  # a caller that died meanwhile gets no mount
         request = Mount(
-            kernel_driver(fstype), f"/dev/loop{slot.number}", device.rdev, opts.read_only, sorted(opts.attrs),
-            list(opts.sb_flags), list(opts.fs_options),
+            decision.idmap, kernel_driver(fstype), f"/dev/loop{slot.number}", device.rdev, opts.read_only,
+            sorted(opts.attrs), list(opts.sb_flags), list(opts.fs_options),
         )  # fmt: skip
-        made = call.session.nshelper().call(request, (where.fd,))
+        made = call.session.nshelper().call(request, (where.fd, call.session.userns_fd))
+        call.audit["idmapped"] = made["idmapped"]
     except BaseException:
         if src.slot is None:
             pool.last_use_ended(device.number)  # the slot bound for this mount alone

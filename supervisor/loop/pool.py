@@ -151,6 +151,9 @@ class LoopPool:
     def slot_for_host(self, number: int) -> Slot | None:
         return next((s for s in self.slots.values() if s.device and s.device.number == number), None)
 
+    def bound_count(self) -> int:
+        return sum(1 for slot in self.slots.values() if slot.device is not None)
+
     # --- loop-control ------------------------------------------------------------------------
 
     def get_free(self) -> int:
