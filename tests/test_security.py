@@ -19,7 +19,7 @@ def hostile_image(workdir: Path, mountcall: Path, images: dict[str, Path]) -> Pa
     src = make_tree(workdir / "hostile")
     suid = src / "suid"
     shutil.copy(mountcall, suid)
-    os.chown(suid, 100000 + CONTAINER_UID, 100000 + CONTAINER_UID)
+    os.chown(suid, CONTAINER_UID, CONTAINER_UID)  # on disk; the idmapped mount shows it as container uid 1000
     suid.chmod(0o4755)
     os.mknod(src / "null", 0o20666, os.makedev(1, 3))
     return build_image("ext4", src, workdir / "img" / "hostile.ext4")
