@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
-from . import audit, cgroup, idmap, mountopts
+from . import audit, cgroup, fuse, idmap, mountopts
 from . import syscalls as s
 from .container import FORWARDED, Container, ContainerError, Spec
 from .policy import ContainerInfo, MountRequest, Policy, PolicyError, learn, load_policy
@@ -74,6 +74,8 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         print(exc, file=sys.stderr)
         return 1
+    for warning in fuse.missing_daemons(loaded):
+        print(f"warning: {warning}")
     print(f"ok: {len(loaded.rules)} rules from {len(loaded.files)} files")
     return 0
 

@@ -80,7 +80,11 @@ def resolve(root_fd: int, path: str, *, cwd: str = "/", follow_last: bool = True
                 fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=stack[-1][1])
             except OSError as exc:
                 raise KernelError(exc.errno or errno.EIO, "cannot look up", _joined(stack, name)) from None
-            mode = os.fstat(fd).st_mode
+            try:
+                mode = os.fstat(fd).st_mode
+            except OSError as exc:  # e.g. a FUSE mount of another user namespace refuses us
+                os.close(fd)
+                raise KernelError(exc.errno or errno.EACCES, "cannot look up", _joined(stack, name)) from None
             is_last = not any(p for p in pending)
             if stat.S_ISLNK(mode) and (follow_last or not is_last):
                 links += 1

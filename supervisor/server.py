@@ -84,8 +84,10 @@ def run_until_exit(session: Session, child_pidfd: int, extra: dict[int, Any] | N
     poller.register(child_pidfd, select.EPOLLIN)
     for fd in extra or {}:
         poller.register(fd, select.EPOLLIN)
+    daemons: set[int] = set()  # FUSE daemons' pidfds: readable when one dies
     try:
         while True:
+            _watch_daemons(poller, session, daemons)
             for fd, events in poller.poll():
                 if fd == child_pidfd:
                     return
@@ -96,5 +98,18 @@ def run_until_exit(session: Session, child_pidfd: int, extra: dict[int, Any] | N
                         poller.unregister(fd)
                 elif extra and fd in extra:
                     extra[fd]()
+                elif fd in daemons:
+                    poller.unregister(fd)
+                    daemons.discard(fd)
+                    session.reap_daemons()
     finally:
         poller.close()
+
+
+def _watch_daemons(poller: select.epoll, session: Session, watched: set[int]) -> None:
+    """Keep one registration per live daemon (a closed pidfd leaves epoll by itself)."""
+    current = {d.pidfd for d in session.daemons.values()}
+    watched &= current
+    for fd in current - watched:
+        poller.register(fd, select.EPOLLIN)
+        watched.add(fd)

@@ -17,6 +17,8 @@ from typing import Any
 
 from . import loop
 from .cgroup import DeviceCgroup
+from .fuse import FuseDaemon
+from .fuse import mounts as fuse_mounts
 from .loop.pool import LoopPool
 from .loop.sysview import SysView
 from .nshelper import NsHelper
@@ -58,6 +60,9 @@ class Session:
     userns_fd: int = -1
     learned: list[MountRequest] | None = None  # learn mode: every image mount requested
     info: ContainerInfo = field(default_factory=ContainerInfo)  # what policy selectors see
+    owner: tuple[int, int] = (0, 0)  # host uid and gid of the container's root
+    cgroup_paths: list[str] = field(default_factory=list)
+    daemons: dict[int, FuseDaemon] = field(default_factory=dict)  # mount id -> the FUSE daemon serving it
     closed: bool = False
     _dirs: list[int] = field(default_factory=list)
 
@@ -68,6 +73,8 @@ class Session:
         Call before the container's command runs: the directories are opened now, while they
         are certainly the ones made for the container.
         """
+        self.owner = owner
+        self.cgroup_paths = [group.path for group in cgroups]
         self.pidfd = pidfd_open(self.init_pid)
         self.helper = NsHelper.start(self.pidfd)
         self.userns_fd = os.open(f"/proc/{self.init_pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
@@ -113,6 +120,10 @@ class Session:
     def unmounted(self, record: MountRecord) -> None:
         """The supervisor unmounted `record`: forget it, and let an autoclear pool device go."""
         del self.mounts[record.mnt_id]
+        daemon = self.daemons.pop(record.mnt_id, None)
+        if daemon is not None:
+            daemon.stop()
+            daemon.close()
         if self.pool is not None and not any(m.loop == record.loop for m in self.mounts.values()):
             self.pool.last_use_ended(record.loop)
 
@@ -125,6 +136,10 @@ class Session:
         if self.closed:
             return []
         self.closed = True
+        for daemon in self.daemons.values():
+            daemon.stop()
+            daemon.close()
+        self.daemons.clear()
         self._step("releasing the loop pool", self._close_pool)
         self._step("stopping the namespace helper", self._close_helper)
         for fd in (*self._dirs, self.listener, self.pidfd, self.userns_fd):
@@ -139,6 +154,35 @@ class Session:
         if stuck:
             self.log.error("loop-devices-still-bound", devices=[f"/dev/loop{n}" for n in stuck])
         return stuck
+
+    def add_daemon(self, record: MountRecord, daemon: FuseDaemon) -> None:
+        self.mounts[record.mnt_id] = record
+        self.daemons[record.mnt_id] = daemon
+
+    def reap_daemons(self) -> None:
+        """Forget FUSE daemons that ended; one that died under a live mount is an error to log.
+
+        The container may unmount a FUSE mount itself (it belongs to its user namespace), and
+        the daemon then exits by itself: that is the normal end, not a failure.
+        """
+        exited = {m: d for m, d in self.daemons.items() if not d.alive()}
+        if not exited:
+            return
+        try:
+            with open(f"/proc/{self.init_pid}/mountinfo") as f:
+                live = set(fuse_mounts(f.read()))
+        except OSError:  # the container is gone, and its mounts with it
+            live = set()
+        for mnt_id, daemon in exited.items():
+            record = self.mounts.pop(mnt_id, None)
+            if mnt_id in live:
+                self.log.error(
+                    "fuse-daemon-exited", daemon=daemon.name, pid=daemon.pid,
+                    target=record.target if record else None,
+                    effect="the mount now fails with ENOTCONN until it is unmounted",
+                )  # fmt: skip
+            daemon.close()
+            del self.daemons[mnt_id]
 
     def _step(self, what: str, action: Callable[[], None]) -> None:
         try:

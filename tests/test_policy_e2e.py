@@ -1,5 +1,5 @@
-"""Policy features on real containers: idmapped mounts, selectors, fuse placeholder, explain,
-learn mode and live reload."""
+"""Policy features on real containers: idmapped mounts, selectors, explain, learn mode and live
+reload. (The fuse action has its own tests in test_fuse.py.)"""
 
 from __future__ import annotations
 
@@ -69,15 +69,6 @@ def test_rules_select_containers_by_name(tmp_path: Path, images: dict[str, Path]
     allowed = run_container(tmp_path, cmd, policy=policy, extra=["--name", "ci-42"])
     denied = run_container(tmp_path, cmd[:7], policy=policy, extra=["--name", "web"])
     assert allowed.stdout.split() == ["OK", "OK"] and denied.stdout.split() == ["EPERM"]
-
-
-def test_fuse_action_is_refused_clearly_until_the_handoff_exists(
-    tmp_path: Path, images: dict[str, Path], mountcall: Path, mnt: Path
-) -> None:
-    policy = write_policy(tmp_path / "p.yaml", [{"name": "to-fuse", "action": "fuse"}])
-    run = run_container(tmp_path, calls(mountcall, f"mount {images['squashfs']} {mnt} squashfs ro"), policy=policy)
-    assert run.stdout.split() == ["ENODEV"]
-    assert "FUSE" in run.decisions("mount")[0]["error"]
 
 
 def test_explain_names_the_deciding_rule_and_why_others_did_not_match(tmp_path: Path, images: dict[str, Path]) -> None:

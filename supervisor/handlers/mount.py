@@ -13,11 +13,12 @@ import dataclasses
 import errno
 import hashlib
 import os
+import posixpath
 import stat
 from dataclasses import dataclass
 from typing import Final
 
-from .. import mountopts
+from .. import fuse, mountopts
 from .. import syscalls as s
 from ..errors import KernelError
 from ..loop.abi import LO_FLAGS_AUTOCLEAR
@@ -133,6 +134,8 @@ def _mount_image(call: Call, source: str, target: str, fstype: str | None, opts:
             decision = _decide(call, request)
             final = opts.with_forced(decision.options)
             mountopts.check_fs_options(facts.fstype, final.fs_options)
+            if decision.action == "fuse":
+                return _fuse_mount(call, src, where, facts.fstype, final, decision)
             if not final.read_only and src.slot is None:
                 os.close(src.fd)
                 src.fd = -1
@@ -157,11 +160,57 @@ def _decide(call: Call, request: MountRequest) -> Decision:
             decision = dataclasses.replace(
                 decision, action="kernel", errno=0, options=("ro", "noexec"), reason="learn mode: served read-only"
             )
-    if decision.action == "fuse":
-        raise KernelError(errno.ENODEV, "the FUSE handoff is not available yet; use action kernel or deny")
-    if decision.action != "kernel":
+    if decision.action not in ("kernel", "fuse"):
         raise KernelError(decision.errno, decision.reason)
     return decision
+
+
+def _fuse_mount(
+    call: Call, src: _Source, where: Resolved, fstype: str, opts: mountopts.MountOptions, decision: Decision
+) -> Response:
+    """Hand the mount to a FUSE daemon running as the caller in the container's namespaces."""
+    t, session = call.target, call.session
+    name = fuse.daemon_for(fstype, decision.daemon)
+    read_only = opts.read_only or name not in fuse.WRITABLE
+    assert t.creds is not None
+    ids = (t.creds.uid - session.owner[0], t.creds.gid - session.owner[1])
+    ns_path = posixpath.join(t.root_path, where.path.lstrip("/"))
+    mountinfo = f"/proc/{session.init_pid}/mountinfo"
+    before = set(fuse.mounts(_read(mountinfo)))
+    _pool(call).ensure_fuse()
+    t.check()
+    daemon, stderr = fuse.start(
+        name, posixpath.join(t.root_path, src.image.path.lstrip("/")), ns_path, read_only=read_only,
+        attrs=sorted(opts.attrs), ns_pidfd=session.pidfd, ids=ids, cgroups=session.cgroup_paths,
+    )  # fmt: skip
+    call.audit.update(daemon=name, daemon_pid=daemon.pid)
+    found: list[tuple[int, int]] = []
+
+    def mounted() -> bool:
+        for mnt_id, (point, kind, dev) in fuse.mounts(_read(mountinfo)).items():
+            if mnt_id not in before and point == ns_path and kind.startswith("fuse"):
+                found.append((mnt_id, dev))
+                return True
+        return False
+
+    try:
+        fuse.wait_mounted(daemon, stderr, mounted)
+    except BaseException:
+        daemon.stop()
+        daemon.close()
+        raise
+    mnt_id, dev = found[0]
+    record = MountRecord(
+        mnt_id, dev, -1, src.policy_path, where.path, f"fuse.{name}", -1, read_only, decision.options, decision.rule
+    )
+    session.add_daemon(record, daemon)
+    call.audit["options"] = ",".join(["ro" if read_only else "rw", *sorted(opts.attrs)])
+    return Response.success(call.notif.id)
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
 
 
 def _digest(fd: int, chunk: int = 1 << 20) -> str:

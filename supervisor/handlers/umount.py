@@ -37,7 +37,14 @@ def _umount(call: Call, flags: int) -> Response:
     call.audit.update(target=path, flags=f"{flags:#x}")
     if flags & ~_KNOWN_FLAGS or flags & s.MNT_EXPIRE and flags & (s.MNT_FORCE | s.MNT_DETACH):
         raise KernelError(errno.EINVAL, "invalid umount2 flags")
-    with t.resolve(path, follow_last=not flags & s.UMOUNT_NOFOLLOW) as where:
+    try:
+        where = t.resolve(path, follow_last=not flags & s.UMOUNT_NOFOLLOW)
+    except KernelError as exc:
+        # Not ours: the supervisor can look up all of its own mounts. (A FUSE mount of the
+        # container's user namespace refuses the supervisor's lookups, EACCES.)
+        call.audit.update(action="kernel-native", note=exc.what)
+        return Response.continue_(call.notif.id)
+    with where:
         mnt_id, ino, canonical = s.mount_id(where.fd), where.st.st_ino, where.path
     # Our fd on the mount point is closed now: held open, it would make the unmount EBUSY.
     record = call.session.mounts.get(mnt_id)

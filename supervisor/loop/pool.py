@@ -151,6 +151,16 @@ class LoopPool:
     def slot_for_host(self, number: int) -> Slot | None:
         return next((s for s in self.slots.values() if s.device and s.device.number == number), None)
 
+    def ensure_fuse(self) -> None:
+        """Give the container /dev/fuse (for the FUSE daemons run in it), once."""
+        try:
+            os.stat("fuse", dir_fd=self.dev_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            self._make_node("fuse", stat.S_IFCHR, os.makedev(10, 229))
+            os.chmod("fuse", 0o666, dir_fd=self.dev_fd, follow_symlinks=False)
+            for group in self.cgroups:
+                group.allow(("c", 10, 229))
+
     def bound_count(self) -> int:
         return sum(1 for slot in self.slots.values() if slot.device is not None)
 
