@@ -172,3 +172,20 @@ def test_missing_daemon_is_a_clear_error_and_policy_check_says_so(
     assert "erofsfuse" in run.decisions("mount")[0]["error"]
     check = subprocess.run(mountwarden("policy", "check", str(policy)), capture_output=True, text=True, cwd=REPO)
     assert check.returncode == 0 and "erofsfuse, which is not installed" in check.stdout
+
+
+def test_fuse2fs_serves_read_write_when_policy_allows(
+    tmp_path: Path, images: dict[str, Path], workdir: Path, mnt: Path
+) -> None:
+    image = workdir / "img" / "fuse-rw.ext4"
+    shutil.copy(images["ext4"], image)
+    shutil.chown(image, 100000, 100000)  # the container's root may write it
+    try:
+        script = f"mount -o loop {image} {mnt} && echo written > {mnt}/new.txt && cat {mnt}/new.txt; umount {mnt}"
+        run = run_container(tmp_path, ["/bin/sh", "-c", script], policy=_policy(tmp_path, "fuse"))
+        assert run.stdout.strip() == "written", run.stderr
+        assert run.decisions("mount")[0]["options"].startswith("rw")
+        dump = subprocess.run(["debugfs", "-R", "cat /new.txt", str(image)], capture_output=True, text=True)
+        assert dump.stdout.strip() == "written"
+    finally:
+        image.unlink()
