@@ -88,9 +88,8 @@ def main() -> None:
         target = work / "mnt"
         target.mkdir()
         images = build(work, args.files, args.megabytes)
-        print(
-            f"{args.megabytes} MiB sequential read and a walk reading {args.files} files of 512 B; median of {args.rounds - 1} warm rounds"
-        )
+        what = f"{args.megabytes} MiB sequential read and a walk reading {args.files} files of 512 B"
+        print(f"{what}; median of {args.rounds - 1} warm rounds")
         print(f"{'image':<10}{'path':<8}{'read MiB/s':>12}{'walk ms':>10}")
         for fstype, image in images.items():
             results = {action: measure(image, target, action, args.rounds, work) for action in ("kernel", "fuse")}
