@@ -23,6 +23,7 @@ from .loop.pool import LoopPool
 from .loop.sysview import SysView
 from .nshelper import NsHelper
 from .policy import ContainerInfo, MountRequest, Policy
+from .seccomp import notify
 from .syscalls import pidfd_open
 
 
@@ -75,6 +76,7 @@ class Session:
         """
         self.owner = owner
         self.cgroup_paths = [group.path for group in cgroups]
+        notify.set_sync_wakeup(self.listener)
         self.pidfd = pidfd_open(self.init_pid)
         self.helper = NsHelper.start(self.pidfd)
         self.userns_fd = os.open(f"/proc/{self.init_pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
