@@ -46,6 +46,9 @@ from ..loop.abi import (
     LOOP_SET_STATUS,
     LOOP_SET_STATUS64,
     NAMES,
+    LoopInfo,
+    pack_old,
+    unpack_old,
 )
 from ..loop.device import device_size, status64
 from ..loop.pool import BindRequest, LoopPool, Slot
@@ -138,7 +141,7 @@ def _number(arg: int) -> int:
 # --- binding ----------------------------------------------------------------------------------
 
 
-def _bind(r: Request, backing: int, info: tuple[object, ...] | None, block_size: int) -> Response:
+def _bind(r: Request, backing: int, info: LoopInfo, block_size: int) -> Response:
     t = r.call.target
     slot = r.slot
     assert slot is not None
@@ -149,15 +152,10 @@ def _bind(r: Request, backing: int, info: tuple[object, ...] | None, block_size:
         mode = os.fstat(ours).st_mode
         if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
             raise KernelError(errno.EINVAL, "a loop device needs a regular file or block device to back it")
-        offset, sizelimit, flags, name = (0, 0, 0, b"") if info is None else (info[3], info[4], info[8], info[9])
-        assert isinstance(offset, int) and isinstance(sizelimit, int) and isinstance(flags, int)
-        assert isinstance(name, bytes)
         path = t.fd_path(backing)
-        read_only = bool(flags & LO_FLAGS_READ_ONLY) or not r.writable
-        req = BindRequest(
-            ours, path, read_only, offset, sizelimit, flags, block_size, name.split(b"\0")[0].decode(errors="replace")
-        )
-        r.call.audit.update(backing_file=path, read_only=read_only, offset=offset, sizelimit=sizelimit)
+        read_only = bool(info.flags & LO_FLAGS_READ_ONLY) or not r.writable
+        req = BindRequest(ours, path, read_only, info.offset, info.sizelimit, info.flags, block_size, info.name)
+        r.call.audit.update(backing_file=path, read_only=read_only, offset=info.offset, sizelimit=info.sizelimit)
         r.pool.bind(slot, req)
     finally:
         os.close(ours)
@@ -166,13 +164,13 @@ def _bind(r: Request, backing: int, info: tuple[object, ...] | None, block_size:
 
 
 def _set_fd(r: Request) -> Response:
-    return _bind(r, r.arg & 0xFFFFFFFF, None, 0)
+    return _bind(r, r.arg & 0xFFFFFFFF, LoopInfo(), 0)
 
 
 def _configure(r: Request) -> Response:
     raw = r.call.target.read_bytes(r.arg, CONFIG_SIZE, "struct loop_config")
     backing, block_size = CONFIG_HEAD.unpack_from(raw)
-    info = INFO64.unpack_from(raw, CONFIG_HEAD.size)
+    info = LoopInfo.unpack(raw, CONFIG_HEAD.size)
     r.call.target.check()
     return _bind(r, backing, info, block_size)
 
@@ -187,39 +185,32 @@ def _clear(r: Request) -> Response:
 # --- status -----------------------------------------------------------------------------------
 
 
-def _status_fields(r: Request) -> list[object]:
+def _status(r: Request) -> LoopInfo:
+    """The bound device's status as the container must see it: its number, its autoclear."""
     slot = r.bound
-    fields: list[object] = list(INFO64.unpack(status64(slot.host.fd)))
-    fields[5] = slot.number
-    flags = fields[8]
-    assert isinstance(flags, int)
-    fields[8] = flags | LO_FLAGS_AUTOCLEAR if slot.autoclear else flags & ~LO_FLAGS_AUTOCLEAR
-    return fields
+    info = status64(slot.host.fd)
+    flags = info.flags | LO_FLAGS_AUTOCLEAR if slot.autoclear else info.flags & ~LO_FLAGS_AUTOCLEAR
+    return info._replace(number=slot.number, flags=flags)
 
 
 def _get_status64(r: Request) -> Response:
-    r.call.target.write_bytes(r.arg, INFO64.pack(*_status_fields(r)), "struct loop_info64")
+    r.call.target.write_bytes(r.arg, _status(r).pack(), "struct loop_info64")
     return r.done()
 
 
 def _get_status(r: Request) -> Response:
-    f = _status_fields(r)
-    device, inode, rdevice, offset = f[0], f[1], f[2], f[3]
-    assert isinstance(offset, int)
-    if offset > _INT_MAX:
+    info = _status(r)
+    if info.offset > _INT_MAX:
         raise KernelError(errno.EOVERFLOW, "the offset does not fit the old loop_info")
-    old = INFO_OLD.pack(f[5], device, inode, rdevice, offset, f[6], f[7], f[8], f[9], f[11], f[12], f[13], b"")
-    r.call.target.write_bytes(r.arg, old, "struct loop_info")
+    r.call.target.write_bytes(r.arg, pack_old(info), "struct loop_info")
     return r.done()
 
 
-def _apply_status(r: Request, fields: list[object]) -> Response:
+def _apply_status(r: Request, info: LoopInfo) -> Response:
     slot = r.bound
-    flags = fields[8]
-    assert isinstance(flags, int)
-    slot.autoclear = bool(flags & LO_FLAGS_AUTOCLEAR)
-    fields[8] = flags | LO_FLAGS_AUTOCLEAR  # the host device always clears itself at last close
-    fcntl.ioctl(slot.host.fd, LOOP_SET_STATUS64, INFO64.pack(*fields))
+    slot.autoclear = bool(info.flags & LO_FLAGS_AUTOCLEAR)
+    # the host device always clears itself at last close, whatever the container asked
+    fcntl.ioctl(slot.host.fd, LOOP_SET_STATUS64, info._replace(flags=info.flags | LO_FLAGS_AUTOCLEAR).pack())
     r.pool.refresh(slot)
     return r.done()
 
@@ -227,31 +218,13 @@ def _apply_status(r: Request, fields: list[object]) -> Response:
 def _set_status64(r: Request) -> Response:
     raw = r.call.target.read_bytes(r.arg, INFO64.size, "struct loop_info64")
     r.call.target.check()
-    return _apply_status(r, list(INFO64.unpack(raw)))
+    return _apply_status(r, LoopInfo.unpack(raw))
 
 
 def _set_status(r: Request) -> Response:
     raw = r.call.target.read_bytes(r.arg, INFO_OLD.size, "struct loop_info")
     r.call.target.check()
-    number, device, inode, rdevice, offset, etype, ekeysize, flags, name, key, init0, init1, _ = INFO_OLD.unpack(raw)
-    current = _status_fields(r)
-    fields: list[object] = [
-        device,
-        inode,
-        rdevice,
-        offset,
-        current[4],
-        number,
-        etype,
-        ekeysize,
-        flags,
-        name,
-        b"",
-        key,
-        init0,
-        init1,
-    ]
-    return _apply_status(r, fields)
+    return _apply_status(r, unpack_old(raw, _status(r).sizelimit))
 
 
 # --- the rest ---------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import struct
-from typing import Final
+from typing import Final, NamedTuple
 
 LOOP_SET_FD: Final = 0x4C00
 LOOP_CLR_FD: Final = 0x4C01
@@ -33,9 +33,59 @@ LOOP_MAJOR: Final = 7
 # struct loop_info64: device, inode, rdevice, offset, sizelimit, number, encrypt_type,
 # encrypt_key_size, flags, file_name[64], crypt_name[64], encrypt_key[32], init[2]
 INFO64: Final = struct.Struct("<5Q4I64s64s32s2Q")
+
+
+class LoopInfo(NamedTuple):
+    """struct loop_info64, field by field."""
+
+    device: int = 0
+    inode: int = 0
+    rdevice: int = 0
+    offset: int = 0
+    sizelimit: int = 0
+    number: int = 0
+    encrypt_type: int = 0
+    encrypt_key_size: int = 0
+    flags: int = 0
+    file_name: bytes = b""
+    crypt_name: bytes = b""
+    encrypt_key: bytes = b""
+    init0: int = 0
+    init1: int = 0
+
+    @classmethod
+    def unpack(cls, raw: bytes | bytearray, offset: int = 0) -> LoopInfo:
+        return cls._make(INFO64.unpack_from(raw, offset))
+
+    def pack(self) -> bytes:
+        return INFO64.pack(*self)
+
+    @property
+    def name(self) -> str:
+        return self.file_name.split(b"\0")[0].decode(errors="replace")
+
+
 # struct loop_config: fd, block_size, info, reserved[8]
 CONFIG: Final = struct.Struct(f"<II{INFO64.size}s8Q")
-# struct loop_info, the old ABI (x86-64/arm64 layout: long-sized dev_t fields)
+# struct loop_info, the old ABI (x86-64/arm64 layout: long-sized dev_t fields): number,
+# device, inode, rdevice, offset, encrypt_type, encrypt_key_size, flags, name[64],
+# encrypt_key[32], init[2], reserved[4]
 INFO_OLD: Final = struct.Struct("<i4xQQQiiii64s32s2Q4s4x")
+
+
+def pack_old(info: LoopInfo) -> bytes:
+    return INFO_OLD.pack(
+        info.number, info.device, info.inode, info.rdevice, info.offset, info.encrypt_type, info.encrypt_key_size,
+        info.flags, info.file_name, info.encrypt_key, info.init0, info.init1, b"",
+    )  # fmt: skip
+
+
+def unpack_old(raw: bytes, sizelimit: int) -> LoopInfo:
+    """The old struct has no sizelimit: the caller passes the one that stays."""
+    number, device, inode, rdevice, offset, etype, ekeysize, flags, name, key, init0, init1, _ = INFO_OLD.unpack(raw)
+    return LoopInfo(
+        device, inode, rdevice, offset, sizelimit, number, etype, ekeysize, flags, name, b"", key, init0, init1
+    )
+
 
 NAMES: Final = {value: name for name, value in dict(globals()).items() if name.startswith(("LOOP_", "BLK"))}

@@ -32,6 +32,7 @@ from .abi import (
     LOOP_CONFIGURE,
     LOOP_CTL_GET_FREE,
     LOOP_GET_STATUS64,
+    LoopInfo,
 )
 
 _RETRY_ERRNOS: Final = frozenset({errno.EBUSY, errno.ENOENT, errno.ENXIO, errno.EAGAIN})
@@ -57,16 +58,11 @@ class LoopDevice:
             self.fd = -1
 
 
-def status64(fd: int) -> bytearray:
-    """LOOP_GET_STATUS64 of the loop device open on `fd`, as the kernel's struct."""
+def status64(fd: int) -> LoopInfo:
+    """LOOP_GET_STATUS64 of the loop device open on `fd`."""
     buf = bytearray(INFO64.size)
     fcntl.ioctl(fd, LOOP_GET_STATUS64, buf, True)
-    return buf
-
-
-def _status(fd: int) -> tuple[int, int, int]:
-    fields = INFO64.unpack(status64(fd))
-    return fields[0], fields[1], fields[8]
+    return LoopInfo.unpack(buf)
 
 
 def attach(
@@ -85,8 +81,8 @@ def attach(
     """
     backing = os.fstat(backing_fd)
     flags |= LO_FLAGS_AUTOCLEAR | (LO_FLAGS_READ_ONLY if read_only else 0)
-    info = INFO64.pack(0, 0, 0, offset, sizelimit, 0, 0, 0, flags, name.encode()[: LO_NAME_SIZE - 1], b"", b"", 0, 0)
-    config = CONFIG.pack(backing_fd, block_size, info, *([0] * 8))
+    info = LoopInfo(offset=offset, sizelimit=sizelimit, flags=flags, file_name=name.encode()[: LO_NAME_SIZE - 1])
+    config = CONFIG.pack(backing_fd, block_size, info.pack(), *([0] * 8))
     ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
     try:
         for attempt in range(_MAX_TRIES):
@@ -107,8 +103,8 @@ def attach(
                     raise KernelError(exc.errno or errno.EIO, "LOOP_CONFIGURE failed", f"/dev/loop{number}") from None
                 _backoff(attempt)
                 continue
-            device, inode, lo_flags = _status(fd)
-            if (device, inode) != (backing.st_dev, backing.st_ino) or not lo_flags & LO_FLAGS_AUTOCLEAR:
+            bound = status64(fd)
+            if (bound.device, bound.inode) != (backing.st_dev, backing.st_ino) or not bound.flags & LO_FLAGS_AUTOCLEAR:
                 os.close(fd)  # autoclear undoes our half of it
                 raise KernelError(errno.EBUSY, "loop device was re-bound by someone else", f"/dev/loop{number}")
             fcntl.flock(fd, fcntl.LOCK_UN)

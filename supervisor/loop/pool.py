@@ -32,7 +32,7 @@ from typing import Final
 from ..cgroup import DeviceCgroup
 from ..errors import KernelError
 from . import quota
-from .abi import INFO64, LO_FLAGS_AUTOCLEAR, LO_FLAGS_DIRECT_IO, LO_FLAGS_PARTSCAN, LO_FLAGS_READ_ONLY
+from .abi import LO_FLAGS_AUTOCLEAR, LO_FLAGS_DIRECT_IO, LO_FLAGS_PARTSCAN, LO_FLAGS_READ_ONLY
 from .device import LoopDevice, attach, device_size, logical_block_size, status64
 from .sysview import LoopState, SysView
 
@@ -224,11 +224,11 @@ class LoopPool:
     def refresh(self, slot: Slot) -> None:
         """Bring the sysfs view of a bound slot up to date with the device."""
         device = slot.host
-        info = INFO64.unpack(status64(device.fd))
-        flags = info[8]
+        info = status64(device.fd)
+        flags = info.flags
         size = device_size(device.fd)
         state = LoopState(
-            backing_file=slot.backing_path, offset=info[3], sizelimit=info[4], autoclear=slot.autoclear,
+            backing_file=slot.backing_path, offset=info.offset, sizelimit=info.sizelimit, autoclear=slot.autoclear,
             partscan=bool(flags & LO_FLAGS_PARTSCAN), read_only=bool(flags & LO_FLAGS_READ_ONLY),
             direct_io=bool(flags & LO_FLAGS_DIRECT_IO), size_bytes=size, block_size=logical_block_size(device.fd),
         )  # fmt: skip
