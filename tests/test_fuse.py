@@ -72,13 +72,10 @@ def test_umount_and_container_exit_stop_the_daemon(tmp_path: Path, images: dict[
     script = (
         f"mount -o loop,ro {images['squashfs']} {mnt} && echo up && read line && umount {mnt} && echo down && read line"
     )
-    cmd = mountwarden(
-        "run", "--audit-log", str(log), "--policy", str(_policy(tmp_path, "fuse")), "--", "/bin/sh", "-c", script
-    )
-    with subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc:
+    with _fuse_container(tmp_path, log, script) as proc:
         assert proc.stdout and proc.stdin
         assert proc.stdout.readline().strip() == "up"
-        daemon = next(r["daemon_pid"] for r in read_audit(log) if r.get("daemon_pid"))
+        daemon = _daemon_pid(log)
         assert os.path.exists(f"/proc/{daemon}")
         proc.stdin.write("\n")
         proc.stdin.flush()
@@ -92,6 +89,17 @@ def test_umount_and_container_exit_stop_the_daemon(tmp_path: Path, images: dict[
         tmp_path, ["/bin/sh", "-c", f"mount -o loop,ro {images['ext4']} {mnt}"], policy=_policy(tmp_path, "fuse")
     )
     assert run.returncode == 0 and run.decisions("mount")[0]["daemon"] == "fuse2fs"
+
+
+def _fuse_container(tmp_path: Path, log: Path, script: str) -> subprocess.Popen[str]:
+    """A container running `script` under a policy that sends every image to FUSE."""
+    policy = _policy(tmp_path, "fuse")
+    cmd = mountwarden("run", "--audit-log", str(log), "--policy", str(policy), "--", "/bin/sh", "-c", script)
+    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def _daemon_pid(log: Path) -> int:
+    return int(next(r["daemon_pid"] for r in read_audit(log) if r.get("daemon_pid")))
 
 
 def _gone(pid: int, timeout: float = 10) -> None:
@@ -141,13 +149,10 @@ def test_a_killed_daemon_makes_its_mount_fail_with_enotconn(tmp_path: Path, imag
         f"mount -o loop,ro {images['ext4']} {mnt} && cat {mnt}/pub.txt && read line; "
         f"cat {mnt}/pub.txt 2>&1; umount {mnt}; echo unmounted=$?"
     )
-    cmd = mountwarden(
-        "run", "--audit-log", str(log), "--policy", str(_policy(tmp_path, "fuse")), "--", "/bin/sh", "-c", script
-    )
-    with subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc:
+    with _fuse_container(tmp_path, log, script) as proc:
         assert proc.stdout and proc.stdin
         assert proc.stdout.readline().strip() == "public"
-        daemon = next(r["daemon_pid"] for r in read_audit(log) if r.get("daemon_pid"))
+        daemon = _daemon_pid(log)
         os.kill(daemon, signal.SIGKILL)
         _gone(daemon)
         proc.stdin.write("\n")
