@@ -98,8 +98,13 @@ def _fuse_container(tmp_path: Path, log: Path, script: str) -> subprocess.Popen[
     return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
 
-def _daemon_pid(log: Path) -> int:
-    return int(next(r["daemon_pid"] for r in read_audit(log) if r.get("daemon_pid")))
+def _daemon_pid(log: Path, timeout: float = 10) -> int:
+    """From the audit line, which is written just after the container got its answer."""
+    deadline = time.monotonic() + timeout
+    while not (pids := [r["daemon_pid"] for r in read_audit(log) if r.get("daemon_pid")]):
+        assert time.monotonic() < deadline, "no audit line names the daemon"
+        time.sleep(0.01)
+    return int(pids[0])
 
 
 def _gone(pid: int, timeout: float = 10) -> None:

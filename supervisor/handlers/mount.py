@@ -1,10 +1,11 @@
-"""mount(2): new image mounts through a host loop device, and remounts that keep forced flags.
+"""mount(2): image mounts (kernel, through the container's loop pool, or a FUSE daemon) and
+remounts that keep the forced flags.
 
 Only calls that create a superblock or remount reach here (the filter lets binds, moves and
 propagation changes run natively). Filesystems the kernel itself lets a user namespace mount
 (tmpfs, proc, overlay, fuse, ...) are left to the kernel: whatever the container swaps into its
-buffers afterwards, the kernel re-checks that. Everything else is an image mount, done by the
-supervisor on its own copy of the arguments, or refused.
+buffers afterwards, the kernel re-checks that. Everything else is an image mount, decided by
+policy and done by the supervisor on its own copy of the arguments, or refused.
 """
 
 from __future__ import annotations
