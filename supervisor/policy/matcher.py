@@ -408,23 +408,15 @@ def show_size(size: int) -> str:
 
 
 def _decide(rule: Rule, req: MountRequest) -> Decision:
-    if rule.action == "kernel":
+    if rule.action != "deny":
+        via = "" if rule.action == "kernel" else " through FUSE" + (f" with {rule.daemon}" if rule.daemon else "")
         return Decision(
             rule=rule.name,
-            action="kernel",
+            action=rule.action,
             errno=0,
             options=rule.options,
-            reason=f"rule {rule.name!r} allows it",
+            reason=f"rule {rule.name!r} allows it{via}",
             idmap=rule.idmap,
-        )
-    if rule.action == "fuse":
-        daemon = f" with {rule.daemon}" if rule.daemon else ""
-        return Decision(
-            rule=rule.name,
-            action="fuse",
-            errno=0,
-            options=rule.options,
-            reason=f"rule {rule.name!r} allows it through FUSE{daemon}",
             daemon=rule.daemon,
         )
     name = rule.errno or DEFAULT_ERRNO
