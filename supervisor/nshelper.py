@@ -3,47 +3,44 @@
 A mount can be attached, unmounted or changed only from inside the namespace that holds it,
 and a multithreaded or busy supervisor cannot setns itself, so each container gets one helper,
 forked once when its session starts (no fork or exec per request). It is host root in the
-container's mount namespace and nothing else: it never resolves a path the container gave
-(the supervisor hands it fds it already resolved), and it dies with the supervisor (parent
-death signal). Requests and replies are typed messages over a SOCK_SEQPACKET pair; fds travel
-with SCM_RIGHTS.
+container's mount namespace with CAP_SYS_ADMIN only: it never resolves a path the container
+gave with host credentials (it works on fds the supervisor resolved; an unmount, which only a
+path can name, runs as the container's root), and it never makes a superblock (the minter
+does, from the host device itself). Before the container's command runs it hands the
+supervisor private copies of the container's /dev and /sys views (`CloneViews`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
-import json
 import os
-import signal
-import socket
-import time
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 
-from . import mounting
+import prctl  # type: ignore[import-untyped]  # python-prctl ships no type hints
+
+from . import fdops, minter
 from . import syscalls as s
 from .errors import KernelError
-from .mountopts import MountOptions
-
-_MAX_MSG: Final = 65536
+from .helperproc import HelperProcess, Reply
 
 
 @dataclass(frozen=True)
 class Mount:
-    """Mount the block device `source` (a path in the container) on the directory fds[0].
+    """Make a superblock on host loop device `rdev`, shown as /dev/loop`number`, and attach it on fds[0].
 
-    The superblock is created here, in the container's mount namespace but with host root's
-    credentials, so mountinfo names the device as the container does. `source` is a path the
-    container could swap, so the new superblock's device must be `expected_dev`, or nothing
-    is attached. Replies with the new mount's id, device and root inode.
+    The superblock is made by the minter (below) from a node of `rdev` in its own private
+    /dev, never from a path the container could swap; this helper then idmaps the detached
+    mount with fds[1] (the container's user namespace) when asked and attaches it.
+    Replies with the new mount's id, device and root inode.
     """
 
     op: ClassVar[str] = "mount"
-    idmap: bool  # fds[1] is the container's user namespace: map the mount's ids through it
+    idmap: bool
     driver: str
-    source: str
-    expected_dev: int
+    number: int
+    rdev: int
     read_only: bool
     attrs: list[str]
     sb_flags: list[str]
@@ -52,12 +49,16 @@ class Mount:
 
 @dataclass(frozen=True)
 class Unmount:
-    """Unmount `path` (in the namespace's terms) if it is still the mount `mnt_id`."""
+    """Unmount `path` (in the namespace's terms) with the container root's own credentials.
+
+    The path is walked again, so the kernel must judge it as it would the container's own
+    call: the unmount runs as root of the container's user namespace, where MNT_FORCE needs
+    a capability the container lacks (EPERM) and only the container's own mounts can go.
+    """
 
     op: ClassVar[str] = "umount"
     path: str
     flags: int
-    mnt_id: int
 
 
 @dataclass(frozen=True)
@@ -69,99 +70,89 @@ class SetAttr:
     attr_clr: int
 
 
-Request = Mount | Unmount | SetAttr
+@dataclass(frozen=True)
+class CloneViews:
+    """Detached copies of the mounts at `paths` under fds[0] (the container's root), in order.
+
+    Taken once, before the container's command runs: the supervisor writes the container's
+    /dev and /sys views in these copies, which no bind or mount the container makes can reach.
+    Replies with `missing` (paths that do not exist) and one fd per path that does.
+    """
+
+    op: ClassVar[str] = "clone-views"
+    paths: list[str]
+
+
+Request = Mount | Unmount | SetAttr | CloneViews
 
 
 class NsHelper:
-    """Client side of the helper; `call` raises KernelError with the helper's errno."""
+    """Client side of the namespace helper and of the minter that makes its superblocks."""
 
-    def __init__(self, pid: int, sock: socket.socket) -> None:
-        self.pid = pid
-        self.sock = sock
+    def __init__(self, helper: HelperProcess, minter: HelperProcess) -> None:
+        self.helper, self.minter = helper, minter
+
+    @property
+    def pid(self) -> int:
+        return self.helper.pid
 
     @classmethod
     def start(cls, pidfd: int) -> NsHelper:
-        """Fork the helper and move it into the mount namespace of the task behind `pidfd`."""
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        supervisor = os.getpid()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the helper process
-            try:
-                parent.close()
-                s.prctl(s.PR_SET_PDEATHSIG, signal.SIGKILL)
-                if os.getppid() != supervisor:
-                    os._exit(1)
-                s.setns(pidfd, s.CLONE_NEWNS)
-                # Hold nothing of the supervisor's: a stray loop fd would keep a device bound.
-                os.closerange(3, child.fileno())
-                os.closerange(child.fileno() + 1, os.sysconf("SC_OPEN_MAX"))
-                _serve(child)
-            finally:
-                os._exit(0)
-        child.close()
-        helper = cls(pid, parent)
-        return helper
+        """Fork the minter, and the helper moved into the mount namespace of the task behind `pidfd`."""
+        minter_ = minter.start()
+        try:
+            caps = (prctl.CAP_SYS_ADMIN, prctl.CAP_SETUID, prctl.CAP_SETGID)
+            helper = HelperProcess.spawn("mw-nshelper", caps, lambda: _enter(pidfd), _OPS, keep=(pidfd,))
+        except BaseException:
+            minter_.close()
+            raise
+        return cls(helper, minter_)
 
     def call(self, request: Request, fds: tuple[int, ...] = ()) -> dict[str, Any]:
         """Send one request and wait for its reply; the reply's fields, or KernelError."""
-        payload = {"op": request.op, **dataclasses.asdict(request)}
-        socket.send_fds(self.sock, [json.dumps(payload).encode()], list(fds))
-        reply: dict[str, Any] = json.loads(self.sock.recv(_MAX_MSG) or b'{"errno": 5, "error": "helper exited"}')
-        if reply["errno"]:
-            raise KernelError(reply["errno"], reply["error"])
+        reply, got = self.helper.call({"op": request.op, **dataclasses.asdict(request)}, fds)
+        for fd in got:
+            os.close(fd)
         return reply
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Stop the helper; its exit drops the last hold on the container's mount namespace."""
-        if self.pid <= 0:
-            return
-        self.sock.close()
-        _reap(self.pid, timeout)
-        self.pid = -1
-
-
-def _reap(pid: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return
-        time.sleep(0.005)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-
-
-def _serve(sock: socket.socket) -> None:  # pragma: no cover - runs in the helper process
-    while True:
-        msg, fds, _flags, _addr = socket.recv_fds(sock, _MAX_MSG, 4)
-        if not msg:
-            return
+    def mount(self, request: Mount, target_fd: int, userns_fd: int) -> dict[str, Any]:
+        """Mint the superblock from the host device, then idmap and attach it on `target_fd`."""
+        minted, got = self.minter.call({"op": "mint", **dataclasses.asdict(request)})
         try:
-            request: dict[str, Any] = json.loads(msg)
-            reply: dict[str, Any] = {"errno": 0, "error": "", **_OPS[request.pop("op")](request, fds)}
-        except KernelError as exc:
-            reply = {"errno": exc.errno or errno.EIO, "error": exc.what}
-        except OSError as exc:
-            reply = {"errno": exc.errno or errno.EIO, "error": str(exc)}
-        except Exception as exc:  # a bug must still produce an answer, never a hang
-            reply = {"errno": errno.EIO, "error": f"helper error: {exc!r}"}
+            if len(got) != 1:
+                raise KernelError(errno.EIO, "the minter sent no mount")
+            attached = self.call(request, (got[0], target_fd, userns_fd))
         finally:
-            for fd in fds:
+            for fd in got:
                 os.close(fd)
-        sock.send(json.dumps(reply).encode())
+        return {**minted, **attached}
+
+    def clone_views(self, root_fd: int, paths: list[str]) -> dict[str, int]:
+        """Private detached copies of the container's mounts at `paths`; absent ones are left out."""
+        reply, got = self.helper.call({"op": CloneViews.op, "paths": paths}, (root_fd,))
+        present = [p for p in paths if p not in reply["missing"]]
+        if len(got) != len(present):
+            for fd in got:
+                os.close(fd)
+            raise KernelError(errno.EIO, "the namespace helper sent the wrong number of views")
+        return dict(zip(present, got, strict=True))
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop both; the helper's exit drops the last hold on the container's mount namespace."""
+        self.helper.close(timeout)
+        self.minter.close(timeout)
 
 
-def _mount(req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
-    opts = MountOptions(req["read_only"], frozenset(req["attrs"]), tuple(req["sb_flags"]), tuple(req["fs_options"]))
-    mnt = mounting.create(req["driver"], req["source"], opts)
-    try:
-        if mnt.dev != req["expected_dev"]:
-            raise KernelError(errno.EXDEV, "the device node changed while it was being mounted", req["source"])
-        idmapped = req["idmap"] and _idmap(mnt.fd, fds[1])
-        s.move_mount(mnt.fd, fds[0])
-    finally:
-        mnt.close()
-    return {"mnt_id": mnt.mnt_id, "dev": mnt.dev, "root_ino": mnt.root_ino, "idmapped": idmapped}
+def _enter(pidfd: int) -> None:  # pragma: no cover - runs in the helper process
+    s.setns(pidfd, s.CLONE_NEWNS)
+    os.close(pidfd)
+
+
+def _attach(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  # pragma: no cover - in the helper
+    mnt_fd, target_fd, userns_fd = fds
+    idmapped = req["idmap"] and _idmap(mnt_fd, userns_fd)
+    s.move_mount(mnt_fd, target_fd)
+    return {"idmapped": idmapped}, []
 
 
 def _idmap(mnt_fd: int, userns_fd: int) -> bool:
@@ -175,21 +166,62 @@ def _idmap(mnt_fd: int, userns_fd: int) -> bool:
     return True
 
 
-def _umount(req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
-    path = req["path"]
-    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+def _umount(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  # pragma: no cover - in the helper
+    """umount2 in a child that is root of the container's user namespace (fds[0]), nothing more."""
+    (userns_fd,) = fds
+    path, flags = str(req["path"]), int(req["flags"])
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        err = 0
+        try:
+            os.close(r)
+            s.setns(userns_fd, s.CLONE_NEWUSER)
+            os.setgroups([])
+            os.setresgid(0, 0, 0)
+            os.setresuid(0, 0, 0)
+            s.umount2(path, flags | s.UMOUNT_NOFOLLOW)
+        except OSError as exc:
+            err = exc.errno or errno.EIO
+        finally:
+            os.write(w, err.to_bytes(4, "little"))
+            os._exit(0)
+    os.close(w)
     try:
-        if s.mount_id(fd) != req["mnt_id"]:
-            raise KernelError(errno.EINVAL, "the mount point changed before it could be unmounted", path)
+        data = os.read(r, 4)
     finally:
-        os.close(fd)
-    s.umount2(path, req["flags"] | s.UMOUNT_NOFOLLOW)
-    return {}
+        os.close(r)
+        os.waitpid(pid, 0)
+    err = int.from_bytes(data, "little") if len(data) == 4 else errno.EIO
+    if err:
+        raise KernelError(err, "the kernel refused the unmount", path)
+    return {}, []
 
 
-def _setattr(req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+def _setattr(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  # pragma: no cover - in the helper
     s.mount_setattr(fds[0], req["attr_set"], req["attr_clr"])
-    return {}
+    return {}, []
 
 
-_OPS: Final = {Mount.op: _mount, Unmount.op: _umount, SetAttr.op: _setattr}
+def _clone_views(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  # pragma: no cover - in the helper
+    (root_fd,) = fds
+    missing: list[str] = []
+    out: list[int] = []
+    try:
+        for path in req["paths"]:
+            try:
+                out.append(fdops.clone_tree(root_fd, path))
+            except KernelError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+                missing.append(path)
+    except BaseException:
+        for fd in out:
+            os.close(fd)
+        raise
+    return {"missing": missing}, out
+
+
+_OPS: Final = {
+    Mount.op: _attach, Unmount.op: _umount, SetAttr.op: _setattr, CloneViews.op: _clone_views,
+}  # fmt: skip

@@ -10,13 +10,15 @@ signal, the container's namespaces die with it, and autoclear detaches the loop 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from . import loop
 from .cgroup import DeviceCgroup
+from .errors import KernelError
 from .fuse import FuseDaemon
 from .fuse import mounts as fuse_mounts
 from .loop.pool import LoopPool
@@ -25,6 +27,9 @@ from .nshelper import NsHelper
 from .policy import ContainerInfo, MountRequest, Policy
 from .seccomp import notify
 from .syscalls import pidfd_open
+
+_DEV_VIEW: Final = "dev"
+_SYS_VIEWS: Final = ("sys/block", "sys/class/block", "sys/dev/block")
 
 
 @dataclass(frozen=True)
@@ -80,12 +85,21 @@ class Session:
         self.pidfd = pidfd_open(self.init_pid)
         self.helper = NsHelper.start(self.pidfd)
         self.userns_fd = os.open(f"/proc/{self.init_pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
-        root = f"/proc/{self.init_pid}/root"
-        dev = self._dir(f"{root}/dev")
-        views = [self._dir(f"{root}/sys/{view}") for view in ("block", "class/block", "dev/block")]
+        # The pool works in private copies of these mounts: a dirfd on the container's own
+        # mount would still walk into binds the container puts over names below it.
+        root = os.open(f"/proc/{self.init_pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            clones = self.helper.clone_views(root, [_DEV_VIEW, *_SYS_VIEWS])
+        finally:
+            os.close(root)
+        self._dirs.extend(clones.values())
+        if _DEV_VIEW not in clones or _SYS_VIEWS[0] not in clones:
+            raise KernelError(errno.ENOENT, "the container has no /dev or /sys/block of its own to manage")
+        dev = clones[_DEV_VIEW]
+        views = [clones.get(view) for view in _SYS_VIEWS]
         self.pool = LoopPool(
             dev_fd=dev,
-            sysview=SysView(*views),
+            sysview=SysView(clones[_SYS_VIEWS[0]], views[1], views[2]),
             owner=owner,
             limit=self.policy.limits.loop_devices,
             host_uid=owner[0],
@@ -94,11 +108,6 @@ class Session:
         )
         self.pool.start()
         return self
-
-    def _dir(self, path: str) -> int:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        self._dirs.append(fd)
-        return fd
 
     def reload(self, policy: Policy) -> None:
         """Use `policy` from the next request on; loop limits apply to devices bound from now on."""

@@ -238,10 +238,10 @@ def _attach(
     try:
         call.target.check()  # a caller that died meanwhile gets no mount
         request = Mount(
-            decision.idmap, kernel_driver(fstype), f"/dev/loop{slot.number}", device.rdev, opts.read_only,
+            decision.idmap, kernel_driver(fstype), slot.number, device.rdev, opts.read_only,
             sorted(opts.attrs), list(opts.sb_flags), list(opts.fs_options),
         )  # fmt: skip
-        made = call.session.nshelper().call(request, (where.fd, call.session.userns_fd))
+        made = call.session.nshelper().mount(request, where.fd, call.session.userns_fd)
         call.audit["idmapped"] = made["idmapped"]
     except BaseException:
         if src.slot is None:

@@ -1,9 +1,13 @@
 """umount2(2) (and i386's umount(2)).
 
-A mount the supervisor made is unmounted by the helper, which checks the mount id again just
-before unmounting. Anything else is left to the kernel (CONTINUE): that is safe even if the
-container swaps the path afterwards, because the kernel re-checks every permission itself, and
-the supervisor's own mounts are ones the container's root may unmount anyway.
+A mount the supervisor made is unmounted by the helper, which, as a path is the only way to
+name a mount to umount2 without holding it busy, walks it again as root of the container's
+user namespace: a path swapped meanwhile (RENAME_EXCHANGE) then gets exactly what the
+container's own call would (MNT_FORCE is EPERM there, a host mount EINVAL), never host root's
+rights. The supervisor forgets its mount only once the mount is really gone from the
+namespace. Anything else is left to the kernel (CONTINUE): that is safe even if the container
+swaps the path afterwards, because the kernel re-checks every permission itself, and the
+supervisor's own mounts are ones the container's root may unmount anyway.
 """
 
 from __future__ import annotations
@@ -55,6 +59,18 @@ def _umount(call: Call, flags: int) -> Response:
         raise KernelError(errno.EPERM, "unmounting needs CAP_SYS_ADMIN in the container")
     call.audit.update(target=canonical, action="unmount", source=record.source, loop=f"/dev/loop{record.loop}")
     ns_path = posixpath.join(t.root_path, canonical.lstrip("/"))
-    call.session.nshelper().call(Unmount(ns_path, flags & ~s.UMOUNT_NOFOLLOW, record.mnt_id))
-    call.session.unmounted(record)
+    session = call.session
+    session.nshelper().call(Unmount(ns_path, flags), (session.userns_fd,))
+    if record.mnt_id in _mount_ids(session.init_pid):
+        # The path led elsewhere when the helper walked it: the container unmounted one of
+        # its own mounts, with its own rights; ours is still there and still tracked.
+        call.audit.update(note="the path no longer led to the supervisor's mount; it stays")
+    else:
+        session.unmounted(record)
     return Response.success(call.notif.id)
+
+
+def _mount_ids(pid: int) -> set[int]:
+    """Ids of the mounts in the mount namespace of `pid` (mountinfo's first field)."""
+    with open(f"/proc/{pid}/mountinfo") as f:
+        return {int(line.split(maxsplit=1)[0]) for line in f if line.strip()}

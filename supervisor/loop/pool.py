@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from .. import fdops
 from ..cgroup import DeviceCgroup
 from ..errors import KernelError
 from . import quota
@@ -156,8 +157,7 @@ class LoopPool:
         try:
             os.stat("fuse", dir_fd=self.dev_fd, follow_symlinks=False)
         except FileNotFoundError:
-            self._make_node("fuse", stat.S_IFCHR, os.makedev(10, 229))
-            os.chmod("fuse", 0o666, dir_fd=self.dev_fd, follow_symlinks=False)
+            self._make_node("fuse", stat.S_IFCHR, os.makedev(10, 229), 0o666)
             for group in self.cgroups:
                 group.allow(("c", 10, 229))
 
@@ -276,13 +276,20 @@ class LoopPool:
         slot.node_ino = ino
         self.by_ino[ino] = slot.number
 
-    def _make_node(self, name: str, kind: int, rdev: int) -> int:
+    def _make_node(self, name: str, kind: int, rdev: int, mode: int = NODE_MODE) -> int:
+        """mknod in the pool's private copy of /dev, then chown/chmod that very inode (by fd)."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name, dir_fd=self.dev_fd)
-        os.mknod(name, kind | NODE_MODE, rdev, dir_fd=self.dev_fd)
-        os.chown(name, *self.owner, dir_fd=self.dev_fd, follow_symlinks=False)
-        os.chmod(name, NODE_MODE, dir_fd=self.dev_fd, follow_symlinks=False)
-        return os.stat(name, dir_fd=self.dev_fd, follow_symlinks=False).st_ino
+        os.mknod(name, kind | 0o600, rdev, dir_fd=self.dev_fd)
+        fd = fdops.open_beneath(self.dev_fd, name, os.O_PATH)
+        try:
+            st = os.fstat(fd)
+            if stat.S_IFMT(st.st_mode) != kind or st.st_rdev != rdev:
+                raise KernelError(errno.EEXIST, "another file took the place of a new device node", f"/dev/{name}")
+            fdops.set_owner(fd, *self.owner, mode)
+        finally:
+            os.close(fd)
+        return st.st_ino
 
     def _grant(self, rdev: int) -> None:
         for group in self.cgroups:

@@ -4,15 +4,23 @@ util-linux lists loop devices from /sys/block and reads each one's loop/backing_
 and sizelimit there, and finds a device's directory from its number through /sys/dev/block.
 The container's /sys/block, /sys/class/block and /sys/dev/block are empty tmpfs mounts made
 before its namespaces (so it cannot remove them); this module keeps them showing exactly the
-container's devices. All writes go through directory fds opened once, never through paths.
+container's devices. The directory fds are the supervisor's own detached copies of those
+tmpfs mounts (taken before the container's command ran): no bind the container puts over an
+entry of its view is in them, and the directories are host root's, so the container cannot
+add names either. Every walk below them is an openat2 that crosses no mount and follows no
+symlink, and no open waits on a FIFO.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
+
+from .. import fdops
 
 
 @dataclass(frozen=True)
@@ -30,6 +38,16 @@ class LoopState:
     block_size: int
 
 
+@contextlib.contextmanager
+def _unless_absent() -> Iterator[None]:
+    """Ignore a missing entry (ENOENT, as KernelError from openat2 or FileNotFoundError)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            raise
+
+
 class SysView:
     """Writes /sys/block/loopN, /sys/class/block/loopN and /sys/dev/block/M:m for the container."""
 
@@ -39,8 +57,7 @@ class SysView:
     def add(self, number: int, rdev: int) -> None:
         """An unbound device: its directory and device number, no loop/ attributes."""
         name = f"loop{number}"
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(name, 0o755, dir_fd=self.block_fd)
+        self._mkdir(name)
         self._write(f"{name}/dev", f"{os.major(rdev)}:{os.minor(rdev)}")
         for attr, value in (("size", "0"), ("ro", "0"), ("removable", "0"), ("range", "1")):
             self._write(f"{name}/{attr}", value)
@@ -52,9 +69,8 @@ class SysView:
         self.add(number, rdev)
         self._write(f"{name}/size", str(state.size_bytes // 512))
         self._write(f"{name}/ro", "1" if state.read_only else "0")
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(f"{name}/loop", 0o755, dir_fd=self.block_fd)
-            os.mkdir(f"{name}/queue", 0o755, dir_fd=self.block_fd)
+        self._mkdir(f"{name}/loop")
+        self._mkdir(f"{name}/queue")
         values = {
             "loop/backing_file": state.backing_file,
             "loop/offset": str(state.offset),
@@ -72,23 +88,36 @@ class SysView:
     def unbind(self, number: int, rdev: int, placeholder_rdev: int) -> None:
         name = f"loop{number}"
         for sub in ("loop", "queue"):
-            with contextlib.suppress(FileNotFoundError):
+            with _unless_absent():
                 self._rmtree(f"{name}/{sub}")
         if self.dev_fd is not None:
-            with contextlib.suppress(FileNotFoundError):
+            with _unless_absent():
                 os.unlink(f"{os.major(rdev)}:{os.minor(rdev)}", dir_fd=self.dev_fd)
         self.add(number, placeholder_rdev)
 
     def remove(self, number: int) -> None:
         name = f"loop{number}"
-        with contextlib.suppress(FileNotFoundError):
+        with _unless_absent():
             self._rmtree(name)
         if self.class_fd is not None:
-            with contextlib.suppress(FileNotFoundError):
+            with _unless_absent():
                 os.unlink(name, dir_fd=self.class_fd)
 
+    def _parent(self, rel: str) -> tuple[int, str]:
+        """An fd on the directory holding `rel` (walked strictly) and the last component."""
+        head, _, leaf = rel.rpartition("/")
+        return fdops.open_beneath(self.block_fd, head or ".", os.O_PATH | os.O_DIRECTORY), leaf
+
+    def _mkdir(self, rel: str) -> None:
+        parent, leaf = self._parent(rel)
+        try:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(leaf, 0o755, dir_fd=parent)
+        finally:
+            os.close(parent)
+
     def _rmtree(self, rel: str) -> None:
-        fd = os.open(rel, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.block_fd)
+        fd = fdops.open_beneath(self.block_fd, rel, os.O_RDONLY | os.O_DIRECTORY)
         try:
             for entry in os.listdir(fd):
                 if stat.S_ISDIR(os.stat(entry, dir_fd=fd, follow_symlinks=False).st_mode):
@@ -97,12 +126,14 @@ class SysView:
                     os.unlink(entry, dir_fd=fd)
         finally:
             os.close(fd)
-        os.rmdir(rel, dir_fd=self.block_fd)
+        parent, leaf = self._parent(rel)
+        try:
+            os.rmdir(leaf, dir_fd=parent)
+        finally:
+            os.close(parent)
 
     def _write(self, rel: str, value: str) -> None:
-        fd = os.open(
-            rel, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o444, dir_fd=self.block_fd
-        )
+        fd = fdops.open_beneath(self.block_fd, rel, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o444)
         try:
             os.write(fd, f"{value}\n".encode())
         finally:
@@ -110,6 +141,6 @@ class SysView:
 
     @staticmethod
     def _link(dir_fd: int, name: str, target: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        with _unless_absent():
             os.unlink(name, dir_fd=dir_fd)
         os.symlink(target, name, dir_fd=dir_fd)

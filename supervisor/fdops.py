@@ -1,0 +1,81 @@
+"""File operations that never act by a path the container can change.
+
+The supervisor works in trees the container shares (its /dev, the /sys views). A name walked
+again later, a dirfd on the container's own mount (lookups from it still cross the
+container's overmounts), or a chown by name each let the container put a host file of its
+choosing in the supervisor's way. These helpers give the two tools that avoid it: a private
+detached clone of a mount (no child mounts the container could add), and openat2 walks that
+refuse to cross mounts or follow symlinks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Final
+
+from .errors import KernelError
+from .syscalls import NR_OPEN_TREE
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+NR_OPENAT2: Final = 437
+OPEN_TREE_CLONE: Final = 1
+AT_RECURSIVE: Final = 0x8000
+AT_FDCWD: Final = -100
+RESOLVE_NO_XDEV: Final = 0x01
+RESOLVE_NO_MAGICLINKS: Final = 0x02
+RESOLVE_NO_SYMLINKS: Final = 0x04
+RESOLVE_BENEATH: Final = 0x08
+RESOLVE_STRICT: Final = RESOLVE_NO_XDEV | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH
+SAFE_OPEN: Final = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def _check(ret: int, what: str, path: str) -> int:
+    if ret < 0:
+        raise KernelError(ctypes.get_errno(), what, path)
+    return ret
+
+
+def clone_tree(dir_fd: int, path: str) -> int:
+    """A detached copy of the mount at `path` (and the mounts below it as they are now).
+
+    OPEN_TREE_CLONE alone is refused (EINVAL) for a mount with locked children, such as the
+    container's /dev with its /dev/shm, so the copy is recursive; mounts added later in the
+    original tree never appear in the copy.
+    """
+    flags = OPEN_TREE_CLONE | AT_RECURSIVE | os.O_CLOEXEC
+    return _check(
+        _libc.syscall(ctypes.c_long(NR_OPEN_TREE), ctypes.c_long(dir_fd), os.fsencode(path), ctypes.c_long(flags)),
+        "open_tree",
+        path,
+    )
+
+
+def open_beneath(dir_fd: int, path: str, flags: int, mode: int = 0) -> int:
+    """openat2 of `path` under `dir_fd`: no mount crossed, no symlink followed, no escape, never blocking."""
+    # openat2 refuses O_PATH with anything but these (EINVAL), where openat ignored the rest.
+    extra = os.O_CLOEXEC | os.O_NOFOLLOW if flags & os.O_PATH else SAFE_OPEN
+    how = _OpenHow(flags | extra, mode, RESOLVE_STRICT)
+    ret = _libc.syscall(
+        ctypes.c_long(NR_OPENAT2),
+        ctypes.c_long(dir_fd),
+        os.fsencode(path),
+        ctypes.byref(how),
+        ctypes.c_size_t(ctypes.sizeof(how)),
+    )
+    return _check(ret, "openat2", path)
+
+
+def set_owner(fd: int, uid: int, gid: int, mode: int) -> None:
+    """chown and chmod the very inode `fd` refers to (O_PATH fds included), never a name."""
+    # fchown/fchmod refuse O_PATH fds (EBADF); the fd's magic link in our own procfs names
+    # exactly its inode, whatever happens to the name it was opened by.
+    link = f"/proc/self/fd/{fd}"
+    os.chown(link, uid, gid)
+    os.chmod(link, mode)
