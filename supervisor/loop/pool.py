@@ -38,6 +38,7 @@ from .device import LoopDevice, attach, device_size, logical_block_size, status6
 from .sysview import LoopState, SysView
 
 NODE_MODE: Final = 0o660
+_STAGING: Final = ".mountwarden"  # in /dev: where replacement nodes are made
 
 
 @dataclass
@@ -92,6 +93,11 @@ class LoopPool:
         self.slots: dict[int, Slot] = {}
         self.by_ino: dict[int, int] = {}  # node inode (current or replaced) -> slot number
         self.dev_st_dev = os.fstat(dev_fd).st_dev
+        # dev_fd is the supervisor's own copy of the container's /dev mount (no binds of the
+        # container's in it). Replacement nodes are made in a directory of host root's, mode
+        # 0700, so the container cannot even look up, let alone bind over, a node being made.
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(_STAGING, 0o700, dir_fd=dev_fd)
         self.control_ino = -1
         self.placeholder: LoopDevice | None = None
         self._memfd = -1
@@ -271,8 +277,8 @@ class LoopPool:
 
     def _replace_node(self, slot: Slot, rdev: int) -> None:
         """Swap /dev/loopN for a node of `rdev` in one rename, so the name never dangles."""
-        ino = self._make_node(f".loop{slot.number}.new", stat.S_IFBLK, rdev)
-        os.rename(f".loop{slot.number}.new", f"loop{slot.number}", src_dir_fd=self.dev_fd, dst_dir_fd=self.dev_fd)
+        ino = self._make_node(f"{_STAGING}/loop{slot.number}", stat.S_IFBLK, rdev)
+        os.rename(f"{_STAGING}/loop{slot.number}", f"loop{slot.number}", src_dir_fd=self.dev_fd, dst_dir_fd=self.dev_fd)
         slot.node_ino = ino
         self.by_ino[ino] = slot.number
 

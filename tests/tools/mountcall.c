@@ -300,6 +300,76 @@ static int cmd_wait(int argc, char **argv)
 	return report(n < 0 ? -1 : 0);
 }
 
+/* --- tree attacks (tests/test_tree_attacks.py) ------------------------------------------- */
+#include <signal.h>
+#include <sys/wait.h>
+#include <time.h>
+
+/* ioctl(PATH, REQUEST, ARG) with an integer argument, e.g. LOOP_CTL_REMOVE 3. */
+static int cmd_ioctl_arg(int argc, char **argv)
+{
+	(void)argc;
+	int fd = open(argv[0], O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return fail(errno);
+	long rc = syscall(SYS_ioctl, fd, strtoul(argv[1], NULL, 0), strtoul(argv[2], NULL, 0));
+	int err = errno;
+	close(fd);
+	errno = err;
+	return report_value(rc);
+}
+
+static double mc_now(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* Bind SRC over TGT (a name that comes and goes) as often as it can for SECONDS; undo each bind. */
+static int cmd_bind_race(int argc, char **argv)
+{
+	double end = mc_now() + strtod(argv[2], NULL);
+	long binds = 0;
+
+	(void)argc;
+	while (mc_now() < end) {
+		if (mount(argv[0], argv[1], NULL, MS_BIND, NULL) == 0) {
+			binds++;
+			umount2(argv[1], MNT_DETACH);
+		}
+	}
+	printf("OK binds=%ld\n", binds);
+	return 0;
+}
+
+/* umount2(TGT, FLAGS) COUNT times while a child swaps directories A and B (RENAME_EXCHANGE). */
+static int cmd_umount_race(int argc, char **argv)
+{
+	long count = strtol(argv[4], NULL, 10), ok = 0, other = 0;
+	int flags = (int)parse_flags(argv[1], umount_flags);
+
+	(void)argc;
+	pid_t child = fork();
+	if (child < 0)
+		return fail(errno);
+	if (child == 0) {
+		for (;;)
+			syscall(SYS_renameat2, AT_FDCWD, argv[2], AT_FDCWD, argv[3], 2 /* RENAME_EXCHANGE */);
+	}
+	for (long i = 0; i < count; i++) {
+		if (umount2(argv[0], flags) == 0)
+			ok++;
+		else
+			other++;
+	}
+	kill(child, SIGKILL);
+	waitpid(child, NULL, 0);
+	printf("OK unmounted=%ld refused=%ld\n", ok, other);
+	return 0;
+}
+
 struct command {
 	const char *name;
 	int min_args;
@@ -321,6 +391,9 @@ static const struct command commands[] = {
 	{"ioctl", 2, 2, cmd_ioctl, "ioctl PATH REQUEST"},
 	{"euid", 0, 0, cmd_euid, "euid"},
 	{"wait", 0, 0, cmd_wait, "wait"},
+	{"ioctl-arg", 3, 3, cmd_ioctl_arg, "ioctl-arg PATH REQUEST ARG"},
+	{"bind-race", 3, 3, cmd_bind_race, "bind-race SRC TGT SECONDS"},
+	{"umount-race", 5, 5, cmd_umount_race, "umount-race TGT FLAGS DIR_A DIR_B COUNT"},
 };
 #define N_COMMANDS (sizeof(commands) / sizeof(commands[0]))
 
