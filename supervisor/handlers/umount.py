@@ -71,6 +71,9 @@ def _umount(call: Call, flags: int) -> Response:
 
 
 def _mount_ids(pid: int) -> set[int]:
-    """Ids of the mounts in the mount namespace of `pid` (mountinfo's first field)."""
-    with open(f"/proc/{pid}/mountinfo") as f:
-        return {int(line.split(maxsplit=1)[0]) for line in f if line.strip()}
+    """Ids of the mounts in the mount namespace of `pid` (mountinfo's first field); none once it is gone."""
+    try:
+        with open(f"/proc/{pid}/mountinfo") as f:
+            return {int(line.split(maxsplit=1)[0]) for line in f if line.strip()}
+    except (FileNotFoundError, ProcessLookupError):
+        return set()
