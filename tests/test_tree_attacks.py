@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import allow_policy, build_image, make_tree, run_container
+from conftest import allow_policy, build_image, make_tree, mountwarden, run_container
 
 CONTAINER_ROOT = 100000  # the host uid of the container's root (run's default id range)
 LOOP_CTL_REMOVE = 0x4C81
@@ -188,3 +188,36 @@ def test_a_planted_dev_loop_node_is_not_what_gets_mounted(
     assert run.stdout.splitlines() == ["OK", "OK", "public", "1", "ext4 /dev/loop0 ro", "OK"], run.stderr
     mounted = [line.split()[0] for line in Path("/proc/self/mounts").read_text().splitlines()]
     assert device not in mounted
+
+
+def _status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def test_helpers_are_named_and_keep_only_the_capabilities_they_use(tmp_path: Path, mountcall: Path) -> None:
+    """`ps` tells the helpers apart; each runs with no_new_privs and a trimmed capability set."""
+    log = tmp_path / "audit.log"
+    cmd = [*mountwarden("run", "--audit-log", str(log), "--"), str(mountcall), "wait"]
+    with subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "READY"
+            children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+            helpers = {_status(int(pid))["Name"]: int(pid) for pid in children}
+            assert {"mw-nshelper", "mw-minter"} <= set(helpers), helpers
+            cap = {"CAP_SETGID": 6, "CAP_SETUID": 7, "CAP_SYS_ADMIN": 21, "CAP_MKNOD": 27}
+            expected = {
+                "mw-nshelper": (1 << cap["CAP_SYS_ADMIN"]) | (1 << cap["CAP_SETUID"]) | (1 << cap["CAP_SETGID"]),
+                "mw-minter": (1 << cap["CAP_SYS_ADMIN"]) | (1 << cap["CAP_MKNOD"]),
+            }
+            for name, mask in expected.items():
+                status = _status(helpers[name])
+                assert status["NoNewPrivs"] == "1"
+                assert int(status["CapEff"], 16) == int(status["CapBnd"], 16) == mask, (name, status)
+            own_ns = os.readlink("/proc/self/ns/mnt")
+            minter_ns = os.readlink(f"/proc/{helpers['mw-minter']}/ns/mnt")
+            helper_ns = os.readlink(f"/proc/{helpers['mw-nshelper']}/ns/mnt")
+            assert len({own_ns, minter_ns, helper_ns}) == 3  # the minter's /dev is its own
+        finally:
+            proc.communicate("\n", timeout=30)
+    assert proc.returncode == 0
