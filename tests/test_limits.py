@@ -1,0 +1,125 @@
+"""Limits that count what is held, and mounts tracked whatever the container does with them.
+
+Each test is the attack a container's root would try, run through `mountwarden run`.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from conftest import allow_policy, loop_devices, mountwarden, read_audit, run_container, write_policy
+
+
+def _sh(*lines: str) -> list[str]:
+    return ["/bin/sh", "-c", "\n".join(lines)]
+
+
+def _limits(tmp_path: Path, text: str) -> Path:
+    policy = allow_policy(tmp_path)
+    policy.write_text(policy.read_text() + f"limits: {text}\n")
+    return policy
+
+
+def test_cleared_devices_still_held_open_count_against_both_limits(
+    tmp_path: Path, images: dict[str, Path], mountcall: Path
+) -> None:
+    """Bind, keep an fd on the bound device, LOOP_CLR_FD, repeat: it used to hold 12 host devices."""
+    hold = [str(mountcall), "loophold", "12", str(images["ext4"])]
+    run = run_container(tmp_path, hold, policy=_limits(tmp_path, "{loop_devices: 2, loop_devices_per_host_uid: 4}"))
+    assert run.stdout.splitlines() == ["HELD 1", "HELD 2", "ENOSPC"], run.stderr
+    denied = [d for d in run.decisions("ioctl") if d["result"] == "ENOSPC"]
+    assert len(denied) == 1 and "limit of 2" in denied[0]["error"] and "cleared" in denied[0]["error"]
+    assert len({d["host_device"] for d in run.decisions("ioctl") if "host_device" in d}) == 2
+
+    run = run_container(tmp_path, hold, policy=_limits(tmp_path, "{loop_devices: 12, loop_devices_per_host_uid: 4}"))
+    assert run.stdout.splitlines() == [f"HELD {i}" for i in range(1, 5)] + ["ENOSPC"], run.stderr
+    denied = [d for d in run.decisions("ioctl") if d["result"] == "ENOSPC"]
+    assert len(denied) == 1 and "host uid" in denied[0]["error"]
+
+
+def test_cleared_devices_let_go_count_no_more(tmp_path: Path, images: dict[str, Path], mountcall: Path) -> None:
+    """The ordinary cycle (bind, clear, close) is not held against the container."""
+    cycle = f"losetup -f -r {images['ext4']} && losetup -d /dev/loop0 && echo ok"
+    run = run_container(tmp_path, _sh(*[cycle] * 5), policy=_limits(tmp_path, "{loop_devices: 1}"))
+    assert run.stdout.splitlines() == ["ok"] * 5, run.stderr
+
+
+def test_partition_scanning_never_reaches_the_host(tmp_path: Path, images: dict[str, Path], mountcall: Path) -> None:
+    """losetup -P: the container sees partscan set; the host device never scans its bytes."""
+    image = str(images["ext4"])
+    script = _sh(
+        f"losetup -P -f -r {image}",
+        "cat /sys/block/loop0/loop/partscan",
+        "losetup -l -n -O PARTSCAN /dev/loop0",
+        f"{mountcall} wait",
+    )
+    log = tmp_path / "audit.log"
+    argv = mountwarden("run", "--audit-log", str(log), "--policy", str(allow_policy(tmp_path)), "--", *script)
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=tmp_path.parent)
+    assert proc.stdout is not None and proc.stdin is not None
+    try:
+        seen = [proc.stdout.readline().strip() for _ in range(3)]
+        assert seen == ["1", "1", "READY"]
+        host = [name for name, backing in loop_devices() if backing == image]
+        assert len(host) == 1
+        assert Path(f"/sys/block/{host[0]}/loop/partscan").read_text().strip() == "0"
+    finally:
+        proc.stdin.write("\n")
+        proc.stdin.close()
+        proc.wait(timeout=30)
+    assert proc.returncode == 0
+    assert read_audit(log)
+
+
+def test_bind_outlives_the_original_with_its_flags_and_its_device(
+    tmp_path: Path, images: dict[str, Path], mountcall: Path, mnt: Path, workdir: Path
+) -> None:
+    """Bind the supervisor's mount, unmount the original: the bind keeps noexec and the slot stays held."""
+    mc, bind = str(mountcall), workdir / "bind-limits"
+    bind.mkdir(exist_ok=True)
+    policy = allow_policy(tmp_path, options=["noexec"])
+    policy.write_text(policy.read_text() + "limits: {loop_devices: 1}\n")
+    script = _sh(
+        f"{mc} mount {images['ext4']} {mnt} ext4 ro",
+        f"{mc} mount {mnt} {bind} - bind",
+        f"{mc} umount {mnt}",
+        f"{mc} mount - {bind} - remount,bind",
+        f"grep ' {bind} ' /proc/self/mountinfo | grep -c noexec",
+        f"cat {bind}/pub.txt",
+        f"losetup -f -r {images['squashfs']} 2>/dev/null; echo rc=$?",
+        f"{mc} umount {bind}",
+        f"losetup -f -r {images['squashfs']}; echo rc=$?",
+    )
+    run = run_container(tmp_path, script, policy=policy)
+    assert run.stdout.splitlines() == ["OK", "OK", "OK", "OK", "1", "public", "rc=1", "OK", "rc=0"], run.stderr
+    remount = [d for d in run.decisions("mount") if d.get("remount")]
+    assert remount and "noexec" in remount[0]["options"] and remount[0]["rule"] == "allow-test"
+    assert any(d["result"] == "ENOSPC" for d in run.decisions("ioctl"))
+
+
+def test_a_mounted_device_cannot_be_repointed(
+    tmp_path: Path, images: dict[str, Path], mountcall: Path, mnt: Path, workdir: Path
+) -> None:
+    """LOOP_CHANGE_FD and a new offset on a device under a live mount: EBUSY, audited; fine once unmounted."""
+    mc = str(mountcall)
+    other = workdir / "img" / "same-size.ext4"
+    subprocess.run(["cp", str(images["ext4"]), str(other)], check=True)
+    script = _sh(
+        f"losetup -r /dev/loop0 {images['ext4']}",
+        f"{mc} mount /dev/loop0 {mnt} ext4 ro",
+        f"{mc} loopchangefd /dev/loop0 {other}",
+        f"{mc} loopstatus /dev/loop0 4096 0",
+        f"{mc} loopstatus /dev/loop0 0 1048576",
+        f"{mc} loopstatus /dev/loop0 0 0",
+        f"{mc} umount {mnt}",
+        f"{mc} loopchangefd /dev/loop0 {other}",
+        "losetup -d /dev/loop0",
+    )
+    run = run_container(tmp_path, script, policy=write_policy(tmp_path / "p.yaml", [
+        {"name": "all", "match": {"source": "/**"}, "action": "kernel"}
+    ]))  # fmt: skip
+    assert run.stdout.splitlines() == ["OK", "EBUSY", "EBUSY", "EBUSY", "OK", "OK", "OK"], run.stderr
+    refused = [d for d in run.decisions("ioctl") if d["result"] == "EBUSY"]
+    assert [d["op"] for d in refused] == ["LOOP_CHANGE_FD", "LOOP_SET_STATUS64", "LOOP_SET_STATUS64"]
+    assert all("backs a mount" in d["error"] for d in refused)
