@@ -5,7 +5,11 @@ Each test is the attack a container's root would try, run through `mountwarden r
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
 import subprocess
+import time
 from pathlib import Path
 
 from conftest import allow_policy, loop_devices, mountwarden, read_audit, run_container, write_policy
@@ -123,3 +127,64 @@ def test_a_mounted_device_cannot_be_repointed(
     refused = [d for d in run.decisions("ioctl") if d["result"] == "EBUSY"]
     assert [d["op"] for d in refused] == ["LOOP_CHANGE_FD", "LOOP_SET_STATUS64", "LOOP_SET_STATUS64"]
     assert all("backs a mount" in d["error"] for d in refused)
+
+
+def _digest_policy(tmp_path: Path, image: Path, size_max: str) -> Path:
+    digest = hashlib.sha256(image.read_bytes()).hexdigest()
+    rule = {"name": "pinned", "match": {"sha256": [digest], "size": {"max": size_max}}, "action": "kernel"}
+    return write_policy(tmp_path / "pinned.yaml", [rule])
+
+
+def test_writes_to_a_pinned_image_do_not_reach_its_mount(
+    tmp_path: Path, images: dict[str, Path], mountcall: Path, mnt: Path, workdir: Path
+) -> None:
+    """The container rewrites the image under its digest-pinned mount; the kernel keeps reading what was hashed."""
+    image = workdir / "img" / "pinned.ext4"
+    shutil.copy(images["ext4"], image)
+    image.chmod(0o666)
+    offset = image.read_bytes().index(b"public\n")
+    script = _sh(
+        f"mount -o loop {image} {mnt}; echo rc=$?",
+        f"cat {mnt}/pub.txt",
+        f"printf PUBLIC | dd of={image} bs=1 seek={offset} conv=notrunc status=none; echo rc=$?",
+        f"{mountcall} wait",
+        f"cat {mnt}/pub.txt",
+        f"umount {mnt}",
+    )
+    log = tmp_path / "audit.log"
+    policy = _digest_policy(tmp_path, image, "16M")
+    argv = mountwarden("run", "--audit-log", str(log), "--policy", str(policy), "--", *script)
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=tmp_path.parent)
+    assert proc.stdout is not None and proc.stdin is not None
+    try:
+        assert [proc.stdout.readline().strip() for _ in range(4)] == ["rc=0", "public", "rc=0", "READY"]
+        assert b"PUBLIC\n" in image.read_bytes()  # the write itself went through
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")  # the kernel must read the backing store again
+        proc.stdin.write("\n")
+        proc.stdin.close()
+        rest = proc.stdout.read().split()
+    finally:
+        proc.wait(timeout=30)
+    assert rest[:2] == ["OK", "public"]
+    pinned = [d for d in read_audit(log) if d.get("syscall") == "mount" and d.get("rule") == "pinned"]
+    assert [d["result"] for d in pinned] == ["EROFS", "OK"]  # mount(8) retries read-only by itself
+    assert pinned[1]["backing"] == "sealed-copy"
+
+
+def test_a_huge_sparse_image_is_refused_before_hashing(
+    tmp_path: Path, images: dict[str, Path], mnt: Path, workdir: Path
+) -> None:
+    """64 GiB of sparse file under a digest rule capped at 16M: refused at once, nothing hashed."""
+    image = workdir / "img" / "huge.ext4"
+    shutil.copy(images["ext4"], image)
+    os.truncate(image, 64 << 30)
+    image.chmod(0o644)
+    policy = _digest_policy(tmp_path, images["ext4"], "16M")
+    start = time.monotonic()
+    run = run_container(tmp_path, _sh(f"mount -o loop,ro {image} {mnt}; echo rc=$?"), policy=policy)
+    elapsed = time.monotonic() - start
+    image.unlink()
+    assert run.stdout.strip().endswith("rc=32"), run.stdout + run.stderr
+    assert elapsed < 10
+    refused = [d for d in run.decisions("mount") if d["result"] == "EPERM"]
+    assert refused and refused[0]["sha256"].startswith("not computed")
