@@ -188,3 +188,32 @@ def test_a_huge_sparse_image_is_refused_before_hashing(
     assert elapsed < 10
     refused = [d for d in run.decisions("mount") if d["result"] == "EPERM"]
     assert refused and refused[0]["sha256"].startswith("not computed")
+
+
+def test_learn_mode_with_a_deleted_backing_file_still_releases_everything(
+    tmp_path: Path, images: dict[str, Path], mnt: Path, workdir: Path
+) -> None:
+    """A mount whose backing file is gone cannot be learned: it is logged and skipped, the rest written."""
+    scratch = workdir / "scratch-learn"
+    scratch.mkdir(exist_ok=True)
+    scratch.chmod(0o1777)
+    other = workdir / "mnt-learn"
+    other.mkdir(exist_ok=True)
+    doomed = scratch / "doomed.ext4"
+    script = _sh(
+        f"cp {images['ext4']} {doomed}",
+        f"exec 3< {doomed}",
+        f"rm {doomed}",
+        "losetup -r /dev/loop0 /proc/self/fd/3",
+        "exec 3<&-",
+        f"mount -r /dev/loop0 {mnt} && cat {mnt}/pub.txt",
+        f"mount -o loop,ro {images['ext4']} {other} && cat {other}/pub.txt",
+    )
+    learned = tmp_path / "learned.yaml"
+    empty = write_policy(tmp_path / "empty.yaml", [{"name": "nothing", "action": "deny"}])
+    run = run_container(tmp_path, script, policy=empty, extra=["--learn", str(learned)])
+    assert run.returncode == 0 and run.stdout.splitlines() == ["public", "public"], run.stderr
+    skipped = [a for a in run.audit if a.get("event") == "learn-request-skipped"]
+    assert len(skipped) == 1 and "deleted" in skipped[0]["reason"], skipped
+    text = learned.read_text()
+    assert "deleted" not in text and f"{images['ext4'].parent}/*.ext4" in text
