@@ -217,3 +217,24 @@ def test_learn_mode_with_a_deleted_backing_file_still_releases_everything(
     assert len(skipped) == 1 and "deleted" in skipped[0]["reason"], skipped
     text = learned.read_text()
     assert "deleted" not in text and f"{images['ext4'].parent}/*.ext4" in text
+
+
+def test_a_mount_kept_in_a_namespace_of_the_containers_own_still_counts(
+    tmp_path: Path, images: dict[str, Path], mnt: Path
+) -> None:
+    """unshare -m copies the mount; unmounting the original frees no loop device while the copy lives."""
+    squashfs = images["squashfs"]
+    again = f"for i in $(seq 50); do losetup -f -r {squashfs} 2>/dev/null && break; sleep 0.1; done; echo rc=$?"
+    script = _sh(
+        f"mount -o loop,ro {images['ext4']} {mnt}",
+        "unshare -m sleep 60 &",
+        "sleep 0.5",
+        f"umount {mnt}; echo umount=$?",
+        f"losetup -f -r {images['squashfs']} 2>/dev/null; echo rc=$?",
+        "kill $!; wait",
+        again,
+    )
+    run = run_container(tmp_path, script, policy=_limits(tmp_path, "{loop_devices: 1}"))
+    assert run.stdout.splitlines() == ["umount=0", "rc=1", "rc=0"], run.stderr
+    denied = [d for d in run.decisions("ioctl") if d["result"] == "ENOSPC"]
+    assert denied and "cleared but still held" in denied[0]["error"]
