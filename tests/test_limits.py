@@ -105,7 +105,7 @@ def test_bind_outlives_the_original_with_its_flags_and_its_device(
 def test_a_mounted_device_cannot_be_repointed(
     tmp_path: Path, images: dict[str, Path], mountcall: Path, mnt: Path, workdir: Path
 ) -> None:
-    """LOOP_CHANGE_FD and a new offset on a device under a live mount: EBUSY, audited; fine once unmounted."""
+    """CHANGE_FD, a new offset, size limit or capacity under a live mount: EBUSY, audited; fine once unmounted."""
     mc = str(mountcall)
     other = workdir / "img" / "same-size.ext4"
     subprocess.run(["cp", str(images["ext4"]), str(other)], check=True)
@@ -116,6 +116,7 @@ def test_a_mounted_device_cannot_be_repointed(
         f"{mc} loopstatus /dev/loop0 4096 0",
         f"{mc} loopstatus /dev/loop0 0 1048576",
         f"{mc} loopstatus /dev/loop0 0 0",
+        f"{mc} ioctl /dev/loop0 0x4C07",  # LOOP_SET_CAPACITY
         f"{mc} umount {mnt}",
         f"{mc} loopchangefd /dev/loop0 {other}",
         "losetup -d /dev/loop0",
@@ -123,9 +124,10 @@ def test_a_mounted_device_cannot_be_repointed(
     run = run_container(tmp_path, script, policy=write_policy(tmp_path / "p.yaml", [
         {"name": "all", "match": {"source": "/**"}, "action": "kernel"}
     ]))  # fmt: skip
-    assert run.stdout.splitlines() == ["OK", "EBUSY", "EBUSY", "EBUSY", "OK", "OK", "OK"], run.stderr
+    assert run.stdout.splitlines() == ["OK", "EBUSY", "EBUSY", "EBUSY", "OK", "EBUSY", "OK", "OK"], run.stderr
     refused = [d for d in run.decisions("ioctl") if d["result"] == "EBUSY"]
-    assert [d["op"] for d in refused] == ["LOOP_CHANGE_FD", "LOOP_SET_STATUS64", "LOOP_SET_STATUS64"]
+    ops = ["LOOP_CHANGE_FD", "LOOP_SET_STATUS64", "LOOP_SET_STATUS64", "LOOP_SET_CAPACITY"]
+    assert [d["op"] for d in refused] == ops
     assert all("backs a mount" in d["error"] for d in refused)
 
 

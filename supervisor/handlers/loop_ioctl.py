@@ -12,8 +12,9 @@ files are the fds the container itself opened (taken with pidfd_getfd, never reo
 path), so the kernel has already checked the container's right to them.
 
 A device that backs a live supervisor mount was approved by policy with its bytes as they are:
-LOOP_CHANGE_FD, and LOOP_SET_STATUS(64) moving its offset or sizelimit, would re-point the
-mounted filesystem at bytes policy never saw, so they get EBUSY while any mount of it lives.
+LOOP_CHANGE_FD, LOOP_SET_STATUS(64) moving its offset or sizelimit, and LOOP_SET_CAPACITY would
+re-point the mounted filesystem at bytes policy never saw, so they get EBUSY while any mount of
+it lives.
 """
 
 from __future__ import annotations
@@ -268,6 +269,8 @@ def _passthrough(request: int) -> Op:
 
     def op(r: Request) -> Response:
         slot = r.bound
+        if request == LOOP_SET_CAPACITY:  # would show bytes beyond the size policy saw
+            _refuse_if_mounted(r, slot, "a new capacity")
         try:
             fcntl.ioctl(slot.host.fd, request, r.arg)
         except OSError as exc:
