@@ -236,10 +236,20 @@ def _reload(session: Session, paths: list[str]) -> None:
 
 
 def _write_learned(path: str, requests: list[MountRequest], log: Any) -> None:
-    """Learn mode: a policy allowing exactly what the workload asked for, for a human to review."""
-    with open(path, "w") as f:
-        f.write(learn.suggest(requests))
-    log.info("learned-policy-written", path=path, requests=len(requests))
+    """Learn mode: a policy allowing exactly what the workload asked for, for a human to review.
+
+    Never raises: it runs before the session's release, which must happen whatever it meets.
+    """
+    learnable, skipped = learn.partition(requests)
+    for req, reason in skipped:
+        log.warning("learn-request-skipped", source=req.source, target=req.target, reason=reason)
+    try:
+        with open(path, "w") as f:
+            f.write(learn.suggest(learnable))
+    except (OSError, ValueError) as exc:
+        log.error("learned-policy-not-written", path=path, error=str(exc))
+        return
+    log.info("learned-policy-written", path=path, requests=len(learnable), skipped=len(skipped))
 
 
 @contextlib.contextmanager

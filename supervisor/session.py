@@ -58,7 +58,8 @@ class Session:
     init_pid: int
     policy: Policy
     log: Any
-    mounts: dict[int, MountRecord] = field(default_factory=dict)
+    mounts: dict[int, MountRecord] = field(default_factory=dict)  # mount id of the original -> record
+    superblocks: dict[int, MountRecord] = field(default_factory=dict)  # st_dev -> record, see `sweep`
     loops: set[int] = field(default_factory=set)
     pidfd: int = -1
     helper: NsHelper | None = None
@@ -121,22 +122,68 @@ class Session:
         return self.helper
 
     def record_for_dev(self, dev: int) -> MountRecord | None:
-        """The supervisor's mount whose superblock is `dev` (any bind of it shares the device)."""
-        return next((r for r in self.mounts.values() if r.dev == dev), None)
+        """The supervisor's mount whose superblock is `dev`, also through binds and moves of it.
+
+        Kept after the original is unmounted while a bind of it is left, so a remount of that
+        bind still gets the rule's forced flags.
+        """
+        return self.superblocks.get(dev)
 
     def add(self, record: MountRecord) -> None:
         self.mounts[record.mnt_id] = record
+        self.superblocks[record.dev] = record
         self.loops.add(record.loop)
 
     def unmounted(self, record: MountRecord) -> None:
-        """The supervisor unmounted `record`: forget it, and let an autoclear pool device go."""
-        del self.mounts[record.mnt_id]
+        """The supervisor unmounted `record`; its superblock is forgotten only once nothing holds it."""
+        self.mounts.pop(record.mnt_id, None)
         daemon = self.daemons.pop(record.mnt_id, None)
         if daemon is not None:
             daemon.stop()
             daemon.close()
-        if self.pool is not None and not any(m.loop == record.loop for m in self.mounts.values()):
-            self.pool.last_use_ended(record.loop)
+        self.sweep()
+
+    def loop_in_use(self, host_number: int) -> bool:
+        """Whether a mount in the container still shows a superblock made on `host_number`."""
+        live = self.sweep()
+        return any(r.loop == host_number and r.dev in live for r in self.superblocks.values())
+
+    def sweep(self) -> set[int]:
+        """Forget superblocks no mount in the container's namespace shows any more; free their slots.
+
+        The container may bind, move or unmount (natively: binds are not the supervisor's)
+        what the supervisor mounted, so its records follow the superblock (st_dev), not the
+        mount. A superblock none of the container's mounts shows (mountinfo) may still live in
+        a namespace the container made: its record stays while the pool still holds its loop
+        device (bound or retired), so a remount there keeps the forced flags too. Returns the
+        devices of the container's mounts.
+        """
+        if not self.superblocks:
+            return set()
+        live = self._live_devs()
+        for dev, record in list(self.superblocks.items()):
+            if dev in live:
+                continue
+            self.mounts.pop(record.mnt_id, None)  # the original went with a parent (MNT_DETACH)
+            if record.loop >= 0 and self.pool is not None:
+                self.pool.last_use_ended(record.loop)
+            if record.loop < 0 or self.pool is None or not self.pool.holds(record.loop):
+                del self.superblocks[dev]
+        return live
+
+    def _live_devs(self) -> set[int]:
+        try:
+            with open(f"/proc/{self.init_pid}/mountinfo") as f:
+                text = f.read()
+        except OSError:  # the container is gone, and its mounts with it
+            return set()
+        devs = set()
+        for line in text.splitlines():
+            fields = line.split(" ", 3)
+            if len(fields) > 2 and ":" in fields[2]:
+                major, minor = fields[2].split(":", 1)
+                devs.add(os.makedev(int(major), int(minor)))
+        return devs
 
     def close(self) -> list[int]:
         """Release everything; returns host loop devices that failed to detach in time (a leak).
@@ -151,6 +198,7 @@ class Session:
             daemon.stop()
             daemon.close()
         self.daemons.clear()
+        pool = self.pool
         self._step("releasing the loop pool", self._close_pool)
         self._step("stopping the namespace helper", self._close_helper)
         for fd in (*self._dirs, self.listener, self.pidfd, self.userns_fd):
@@ -160,14 +208,18 @@ class Session:
         self._dirs.clear()
         self.listener = self.pidfd = self.userns_fd = -1
         self.mounts.clear()
+        self.superblocks.clear()
         # Autoclear runs asynchronously once the namespace's last holder is gone.
         stuck = loop.wait_detached(sorted(self.loops))
         if stuck:
             self.log.error("loop-devices-still-bound", devices=[f"/dev/loop{n}" for n in stuck])
+        if pool is not None:
+            pool.settle()  # the quota of what did detach goes back; the stuck keep theirs
         return stuck
 
     def add_daemon(self, record: MountRecord, daemon: FuseDaemon) -> None:
         self.mounts[record.mnt_id] = record
+        self.superblocks[record.dev] = record
         self.daemons[record.mnt_id] = daemon
 
     def reap_daemons(self) -> None:

@@ -10,6 +10,11 @@ placeholder device, so its size is answered from the device the slot was bound t
 other fd they run natively (CONTINUE: the answer depends on the fd alone). Backing
 files are the fds the container itself opened (taken with pidfd_getfd, never reopened by
 path), so the kernel has already checked the container's right to them.
+
+A device that backs a live supervisor mount was approved by policy with its bytes as they are:
+LOOP_CHANGE_FD, LOOP_SET_STATUS(64) moving its offset or sizelimit, and LOOP_SET_CAPACITY would
+re-point the mounted filesystem at bytes policy never saw, so they get EBUSY while any mount of
+it lives.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from ..loop.abi import (
     INFO64,
     INFO_OLD,
     LO_FLAGS_AUTOCLEAR,
+    LO_FLAGS_PARTSCAN,
     LO_FLAGS_READ_ONLY,
     LOOP_CHANGE_FD,
     LOOP_CLR_FD,
@@ -101,6 +107,8 @@ def handle(call: Call) -> Response:
         slot = None
     elif pool is not None and (slot := pool.slot_for(st)) is not None:
         op = DEVICE_OPS.get(request)
+    elif pool is not None and stat.S_ISBLK(st.st_mode) and pool.is_retired(st.st_rdev):
+        raise KernelError(errno.ENXIO, "this loop device was cleared; open /dev/loopN again")
     elif stat.S_ISBLK(st.st_mode) and os.major(st.st_rdev) == LOOP_MAJOR:
         raise KernelError(errno.EPERM, "this is not one of the container's own loop devices")
     else:
@@ -118,6 +126,7 @@ def handle(call: Call) -> Response:
 
 
 def _get_free(r: Request) -> Response:
+    r.call.session.sweep()  # slots whose mounts the container dropped count no more
     number = r.pool.get_free()
     r.call.audit["device"] = f"/dev/loop{number}"
     return r.done(number)
@@ -147,6 +156,7 @@ def _bind(r: Request, backing: int, info: LoopInfo, block_size: int) -> Response
     assert slot is not None
     if slot.device is not None:
         raise KernelError(errno.EBUSY, f"/dev/loop{slot.number} is already bound")
+    r.call.session.sweep()
     ours = t.take_fd(backing)
     try:
         mode = os.fstat(ours).st_mode
@@ -176,9 +186,7 @@ def _configure(r: Request) -> Response:
 
 
 def _clear(r: Request) -> Response:
-    slot = r.bound
-    mounts = r.call.session.mounts.values()
-    r.pool.clear(slot, busy=lambda host: any(m.loop == host for m in mounts))
+    r.pool.clear(r.bound, busy=r.call.session.loop_in_use)
     return r.done()
 
 
@@ -190,7 +198,7 @@ def _status(r: Request) -> LoopInfo:
     slot = r.bound
     info = status64(slot.host.fd)
     flags = info.flags | LO_FLAGS_AUTOCLEAR if slot.autoclear else info.flags & ~LO_FLAGS_AUTOCLEAR
-    return info._replace(number=slot.number, flags=flags)
+    return info._replace(number=slot.number, flags=flags | LO_FLAGS_PARTSCAN if slot.partscan else flags)
 
 
 def _get_status64(r: Request) -> Response:
@@ -208,9 +216,15 @@ def _get_status(r: Request) -> Response:
 
 def _apply_status(r: Request, info: LoopInfo) -> Response:
     slot = r.bound
+    now = status64(slot.host.fd)
+    if (info.offset, info.sizelimit) != (now.offset, now.sizelimit):
+        r.call.audit.update(offset=info.offset, sizelimit=info.sizelimit)
+        _refuse_if_mounted(r, slot, "moving its offset or size limit")
     slot.autoclear = bool(info.flags & LO_FLAGS_AUTOCLEAR)
-    # the host device always clears itself at last close, whatever the container asked
-    fcntl.ioctl(slot.host.fd, LOOP_SET_STATUS64, info._replace(flags=info.flags | LO_FLAGS_AUTOCLEAR).pack())
+    slot.partscan = slot.partscan or bool(info.flags & LO_FLAGS_PARTSCAN)  # the kernel never clears it either
+    # the host device always clears itself at last close and never scans partitions (see pool)
+    host_flags = (info.flags | LO_FLAGS_AUTOCLEAR) & ~LO_FLAGS_PARTSCAN
+    fcntl.ioctl(slot.host.fd, LOOP_SET_STATUS64, info._replace(flags=host_flags).pack())
     r.pool.refresh(slot)
     return r.done()
 
@@ -230,8 +244,16 @@ def _set_status(r: Request) -> Response:
 # --- the rest ---------------------------------------------------------------------------------
 
 
+def _refuse_if_mounted(r: Request, slot: Slot, change: str) -> None:
+    if r.call.session.loop_in_use(slot.host.number):
+        raise KernelError(
+            errno.EBUSY, f"/dev/loop{slot.number} backs a mount policy approved; {change} would change what it reads"
+        )
+
+
 def _change_fd(r: Request) -> Response:
     slot = r.bound
+    _refuse_if_mounted(r, slot, "another backing file")
     ours = r.call.target.take_fd(r.arg & 0xFFFFFFFF)
     try:
         fcntl.ioctl(slot.host.fd, LOOP_CHANGE_FD, ours)
@@ -247,6 +269,8 @@ def _passthrough(request: int) -> Op:
 
     def op(r: Request) -> Response:
         slot = r.bound
+        if request == LOOP_SET_CAPACITY:  # would show bytes beyond the size policy saw
+            _refuse_if_mounted(r, slot, "a new capacity")
         try:
             fcntl.ioctl(slot.host.fd, request, r.arg)
         except OSError as exc:

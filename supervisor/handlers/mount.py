@@ -6,12 +6,21 @@ propagation changes run natively). Filesystems the kernel itself lets a user nam
 (tmpfs, proc, overlay, fuse, ...) are left to the kernel: whatever the container swaps into its
 buffers afterwards, the kernel re-checks that. Everything else is an image mount, decided by
 policy and done by the supervisor on its own copy of the arguments, or refused.
+
+Images pinned by digest: the sha256 is taken while the image's bytes are copied into a sealed
+memfd (no writes, no growing or shrinking), and the kernel mounts that copy, read-only, from a
+loop device of the container's pool bound to it. So what the kernel reads is what was hashed,
+whatever the container writes to the file (or to the loop device it bound) afterwards. The copy
+costs memory up to the image's size, so the digest is taken only when the image is no larger
+than the largest `size.max` of the rules that list digests; an image above it is refused as
+unmatched at once, however long a sparse file claims to be.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import hashlib
 import os
 import posixpath
@@ -26,7 +35,7 @@ from ..loop.abi import LO_FLAGS_AUTOCLEAR
 from ..loop.pool import BindRequest, LoopPool, Slot
 from ..nshelper import Mount, SetAttr
 from ..paths import Resolved
-from ..policy import Decision, MountRequest
+from ..policy import Decision, MountRequest, Policy
 from ..probe import kernel_driver, probe_fd
 from ..registry import Call
 from ..seccomp.notify import Response
@@ -38,6 +47,7 @@ USERNS_FILESYSTEMS: Final = frozenset(
 )
 _FSTYPE_MAX: Final = 256
 _DATA_MAX: Final = 4096  # the kernel copies at most one page of mount data
+_SEALS: Final = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
 _PER_MOUNT: Final = (
     s.MOUNT_ATTR_RDONLY
     | s.MOUNT_ATTR_NOSUID
@@ -84,12 +94,15 @@ class _Source:
     fd: int
     policy_path: str
     slot: Slot | None = None
+    copies: list[int] = dataclasses.field(default_factory=list)  # sealed copies made for a digest
 
     def close(self) -> None:
         self.image.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        while self.copies:
+            os.close(self.copies.pop())
 
 
 def _open_source(call: Call, source: str) -> _Source:
@@ -127,16 +140,25 @@ def _mount_image(call: Call, source: str, target: str, fstype: str | None, opts:
                 raise KernelError(errno.EINVAL, "the image holds no filesystem mountwarden recognises", src.image.path)
             if fstype not in (None, "", "auto", "none") and kernel_driver(fstype) != kernel_driver(facts.fstype):
                 raise KernelError(errno.EINVAL, f"the image is {facts.fstype}, not {fstype}", src.image.path)
+            copy = _pinned_copy(call, src.fd, facts.size)
+            if copy is not None:
+                src.copies.append(copy[0])
+            session.sweep()  # mounts the container dropped count no more
             request = MountRequest(
                 src.policy_path, where.path, facts.fstype, opts.read_only, opts.fs_options, size=facts.size,
-                sha256=_digest(src.fd) if session.policy.needs_digest else None, container=session.info,
-                loop_devices=_pool(call).bound_count(),
+                sha256=copy[1] if copy else None, container=session.info, loop_devices=_pool(call).held_count(),
             )  # fmt: skip
             decision = _decide(call, request)
             final = opts.with_forced(decision.options)
             mountopts.check_fs_options(facts.fstype, final.fs_options)
             if decision.action == "fuse":
                 return _fuse_mount(call, src, where, facts.fstype, final, decision)
+            if copy is not None and _pins_digest(session.policy, decision):
+                if not final.read_only:
+                    raise KernelError(errno.EROFS, "an image pinned by its digest is mounted read-only", src.image.path)
+                call.audit["backing"] = "sealed-copy"
+                os.close(src.fd)
+                src.fd, src.slot = os.dup(copy[0]), None  # a fresh slot on the copy, see the module docstring
             if not final.read_only and src.slot is None:
                 os.close(src.fd)
                 src.fd = -1
@@ -214,14 +236,52 @@ def _read(path: str) -> str:
         return f.read()
 
 
-def _digest(fd: int, chunk: int = 1 << 20) -> str:
-    """sha256 of the whole image, read through our fd (only when a rule matches on digests)."""
+def _pinned_copy(call: Call, fd: int, size: int) -> tuple[int, str] | None:
+    """A sealed memfd copy of the image and its sha256, when a digest rule could accept it."""
+    policy = call.session.policy
+    if not policy.needs_digest:
+        return None
+    bound = _digest_bound(policy)
+    if bound is not None and size > bound:
+        call.audit["sha256"] = f"not computed: the image is larger than any digest rule allows ({bound} bytes)"
+        return None
+    return _sealed_copy(fd, size)
+
+
+def _digest_bound(policy: Policy) -> int | None:
+    """The largest image some digest rule could match; None when one of them has no size limit."""
+    bounds = []
+    for rule in policy.rules:
+        match = rule.match
+        if match is not None and match.sha256 is not None:
+            if match.size is None or match.size.max is None:
+                return None
+            bounds.append(match.size.max)
+    return max(bounds, default=0)
+
+
+def _pins_digest(policy: Policy, decision: Decision) -> bool:
+    rule = next((r for r in policy.rules if r.name == decision.rule), None)
+    return rule is not None and rule.match is not None and rule.match.sha256 is not None
+
+
+def _sealed_copy(fd: int, size: int, chunk: int = 1 << 20) -> tuple[int, str]:
+    """Copy the first `size` bytes behind `fd` into a memfd, hashing them; seal it against change."""
     h = hashlib.sha256()
-    offset = 0
-    while data := os.pread(fd, chunk, offset):
-        h.update(data)
-        offset += len(data)
-    return h.hexdigest()
+    copy = os.memfd_create("mountwarden-pinned-image", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        offset = 0
+        while offset < size and (data := os.pread(fd, min(chunk, size - offset), offset)):
+            h.update(data)
+            view = memoryview(data)
+            while view:
+                view = view[os.pwrite(copy, view, offset + len(data) - len(view)) :]
+            offset += len(data)
+        fcntl.fcntl(copy, fcntl.F_ADD_SEALS, _SEALS)
+    except BaseException:
+        os.close(copy)
+        raise
+    return copy, h.hexdigest()
 
 
 def _attach(

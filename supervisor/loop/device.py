@@ -37,6 +37,7 @@ from .abi import (
 
 _RETRY_ERRNOS: Final = frozenset({errno.EBUSY, errno.ENOENT, errno.ENXIO, errno.EAGAIN})
 _MAX_TRIES: Final = 64
+BLKGETDISKSEQ: Final = 0x80081280  # _IOR(0x12, 128, __u64)
 
 
 @dataclass
@@ -46,6 +47,7 @@ class LoopDevice:
     number: int
     fd: int
     rdev: int
+    diskseq: int = 0  # the kernel's sequence number of this binding: a re-bound device has another
 
     @property
     def path(self) -> str:
@@ -108,7 +110,7 @@ def attach(
                 os.close(fd)  # autoclear undoes our half of it
                 raise KernelError(errno.EBUSY, "loop device was re-bound by someone else", f"/dev/loop{number}")
             fcntl.flock(fd, fcntl.LOCK_UN)
-            return LoopDevice(number, fd, os.fstat(fd).st_rdev)
+            return LoopDevice(number, fd, os.fstat(fd).st_rdev, diskseq(fd))
         raise KernelError(errno.EBUSY, f"no free loop device after {_MAX_TRIES} tries")
     finally:
         os.close(ctl)
@@ -116,6 +118,27 @@ def attach(
 
 def _backoff(attempt: int) -> None:
     time.sleep(random.uniform(0, min(0.001 * 2**attempt, 0.05)))
+
+
+def diskseq(fd: int) -> int:
+    """BLKGETDISKSEQ: the device's sequence number, bumped whenever it is bound or detached (5.15+)."""
+    buf = bytearray(8)
+    fcntl.ioctl(fd, BLKGETDISKSEQ, buf, True)
+    return int(struct.unpack("<Q", buf)[0])
+
+
+def still_bound(number: int, seq: int) -> bool:
+    """Whether host device `number` still holds the binding whose diskseq was `seq`.
+
+    Read from sysfs, so no fd of ours keeps the device alive while we look. A device detached
+    and bound again by anyone (another container, a host losetup) has a new diskseq.
+    """
+    try:
+        with open(f"/sys/block/loop{number}/diskseq") as f:
+            current = int(f.read())
+    except (OSError, ValueError):
+        return False  # the device itself was removed
+    return current == seq and is_bound(number)
 
 
 def is_bound(number: int) -> bool:

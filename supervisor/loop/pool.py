@@ -15,7 +15,21 @@ The container holds nodes only for what is its own:
 Lifetime: every host device is configured with autoclear, and the pool holds one fd on each
 bound device. Releasing a slot closes that fd; the kernel detaches the device once the
 container's own fds and mounts on it are gone. If the supervisor dies, its fds close and the
-same happens. Lock order: the pool is single-threaded; host allocation takes the device's
+same happens.
+
+Limits count what is held, not what is bound in a slot: a released device whose binding is
+still alive (the container kept an fd on it, or a mount of it lives on in a namespace it made)
+is kept as retired, with its per-uid quota ticket, and still counts against both limits until
+the kernel has detached it. Retired devices are identified by their diskseq, so a device
+detached and bound again by someone else is not mistaken for ours, and re-checked lazily before
+every limit decision and at close. The device cgroup grant goes with the slot: device cgroups
+check opens only, and the container cannot open the retired device anew.
+
+Partition scanning (LO_FLAGS_PARTSCAN) is never set on a host device: the host's partition
+parsers and udev rules (LVM, md) would run on the container's bytes. The container is answered
+as a kernel without partition parsers would: the flag reads back as set, no partition appears.
+
+Lock order: the pool is single-threaded; host allocation takes the device's
 BSD lock inside `device.attach`.
 """
 
@@ -33,8 +47,8 @@ from .. import fdops
 from ..cgroup import DeviceCgroup
 from ..errors import KernelError
 from . import quota
-from .abi import LO_FLAGS_AUTOCLEAR, LO_FLAGS_DIRECT_IO, LO_FLAGS_PARTSCAN, LO_FLAGS_READ_ONLY
-from .device import LoopDevice, attach, device_size, logical_block_size, status64
+from .abi import LO_FLAGS_AUTOCLEAR, LO_FLAGS_DIRECT_IO, LO_FLAGS_PARTSCAN, LO_FLAGS_READ_ONLY, LOOP_MAJOR
+from .device import LoopDevice, attach, device_size, diskseq, logical_block_size, status64, still_bound
 from .sysview import LoopState, SysView
 
 NODE_MODE: Final = 0o660
@@ -50,6 +64,7 @@ class Slot:
     device: LoopDevice | None = None
     backing_path: str = ""
     autoclear: bool = False
+    partscan: bool = False  # what the container asked for; never set on the host device
     ticket: quota.Ticket | None = None
 
     @property
@@ -57,6 +72,18 @@ class Slot:
         if self.device is None:
             raise KernelError(errno.ENXIO, f"/dev/loop{self.number} is not bound to a file")
         return self.device
+
+
+@dataclass(frozen=True)
+class Retired:
+    """A host device released from its slot whose binding may still be held by the container."""
+
+    number: int
+    diskseq: int
+    ticket: quota.Ticket | None
+
+    def detached(self) -> bool:
+        return not still_bound(self.number, self.diskseq)
 
 
 @dataclass(frozen=True)
@@ -91,6 +118,7 @@ class LoopPool:
         self.limit, self.host_uid, self.per_uid_limit = limit, host_uid, per_uid_limit
         self.cgroups = list(cgroups)
         self.slots: dict[int, Slot] = {}
+        self.retired: list[Retired] = []
         self.by_ino: dict[int, int] = {}  # node inode (current or replaced) -> slot number
         self.dev_st_dev = os.fstat(dev_fd).st_dev
         # dev_fd is the supervisor's own copy of the container's /dev mount (no binds of the
@@ -117,9 +145,11 @@ class LoopPool:
         """Release every slot and the placeholder; returns the host device numbers involved.
 
         A slot that fails to release is reported to `on_error` and the rest still go; its host
-        device still has autoclear, so closing the pool's fds below releases it anyway.
+        device still has autoclear, so closing the pool's fds below releases it anyway. Retired
+        devices keep their quota tickets until `settle` sees them detached.
         """
         numbers = [slot.device.number for slot in self.slots.values() if slot.device]
+        numbers += [r.number for r in self.retired]
         for slot in list(self.slots.values()):
             if slot.device is None:
                 continue
@@ -145,12 +175,23 @@ class LoopPool:
         return st.st_dev == self.dev_st_dev and st.st_ino == self.control_ino
 
     def slot_for(self, st: os.stat_result) -> Slot | None:
-        """The slot an fd or path refers to: by its node's inode, or a bound device's number."""
+        """The slot an fd or path refers to: by its node's inode, or a bound device's number.
+
+        A node of an earlier binding of the slot (an fd kept across LOOP_CLR_FD) is no longer
+        the slot: it refers to a retired device.
+        """
         if st.st_dev == self.dev_st_dev and st.st_ino in self.by_ino:
-            return self.slots.get(self.by_ino[st.st_ino])
+            slot = self.slots.get(self.by_ino[st.st_ino])
+            if slot is not None and stat.S_ISBLK(st.st_mode) and self.is_retired(st.st_rdev):
+                return None
+            return slot
         if stat.S_ISBLK(st.st_mode):
             return self.slot_for_rdev(st.st_rdev)
         return None
+
+    def is_retired(self, rdev: int) -> bool:
+        """Whether `rdev` is a host device this pool released from its slot."""
+        return os.major(rdev) == LOOP_MAJOR and any(r.number == os.minor(rdev) for r in self.retired)
 
     def slot_for_rdev(self, rdev: int) -> Slot | None:
         return next((s for s in self.slots.values() if s.device and s.device.rdev == rdev), None)
@@ -167,13 +208,36 @@ class LoopPool:
             for group in self.cgroups:
                 group.allow(("c", 10, 229))
 
+    def settle(self) -> list[int]:
+        """Return the quota of retired devices the kernel has detached; the numbers still held."""
+        for gone in [r for r in self.retired if r.detached()]:
+            self.retired.remove(gone)
+            if gone.ticket is not None:
+                gone.ticket.release()
+        return [r.number for r in self.retired]
+
     def bound_count(self) -> int:
         return sum(1 for slot in self.slots.values() if slot.device is not None)
+
+    def held_count(self) -> int:
+        """Host devices this container holds: bound slots and released bindings not yet detached."""
+        return self.bound_count() + len(self.settle())
+
+    def holds(self, host_number: int) -> bool:
+        """Whether host device `host_number` is still one of this container's (bound or retired)."""
+        return self.slot_for_host(host_number) is not None or host_number in self.settle()
+
+    def _check_limit(self) -> None:
+        if self.held_count() >= self.limit:
+            lingering = len(self.retired)
+            why = f" ({lingering} of them cleared but still held open or mounted)" if lingering else ""
+            raise KernelError(errno.ENOSPC, f"this container already holds its limit of {self.limit} loop devices{why}")
 
     # --- loop-control ------------------------------------------------------------------------
 
     def get_free(self) -> int:
         """LOOP_CTL_GET_FREE: the lowest free number, creating its node if it was removed."""
+        self._check_limit()
         for number in range(self.limit):
             slot = self.slots.get(number)
             if slot is None:
@@ -210,9 +274,10 @@ class LoopPool:
         """LOOP_SET_FD / LOOP_CONFIGURE: a fresh host device on the container's own file."""
         if slot.device is not None:
             raise KernelError(errno.EBUSY, f"/dev/loop{slot.number} is already bound")
+        self._check_limit()
         ticket = quota.acquire(self.host_uid, self.per_uid_limit)
         try:
-            host_flags = req.flags & (LO_FLAGS_PARTSCAN | LO_FLAGS_DIRECT_IO)
+            host_flags = req.flags & LO_FLAGS_DIRECT_IO  # never PARTSCAN: see the module docstring
             device = attach(
                 req.backing_fd, read_only=req.read_only, name=req.name or req.backing_path, offset=req.offset,
                 sizelimit=req.sizelimit, flags=host_flags, block_size=req.block_size,
@@ -223,6 +288,7 @@ class LoopPool:
         slot.device, slot.ticket = device, ticket
         slot.backing_path = req.backing_path
         slot.autoclear = bool(req.flags & LO_FLAGS_AUTOCLEAR)
+        slot.partscan = bool(req.flags & LO_FLAGS_PARTSCAN)
         self._grant(device.rdev)
         self._replace_node(slot, device.rdev)
         self.refresh(slot)
@@ -230,12 +296,13 @@ class LoopPool:
     def refresh(self, slot: Slot) -> None:
         """Bring the sysfs view of a bound slot up to date with the device."""
         device = slot.host
+        device.diskseq = diskseq(device.fd)  # our own changes (CHANGE_FD) may move it on
         info = status64(device.fd)
         flags = info.flags
         size = device_size(device.fd)
         state = LoopState(
             backing_file=slot.backing_path, offset=info.offset, sizelimit=info.sizelimit, autoclear=slot.autoclear,
-            partscan=bool(flags & LO_FLAGS_PARTSCAN), read_only=bool(flags & LO_FLAGS_READ_ONLY),
+            partscan=slot.partscan, read_only=bool(flags & LO_FLAGS_READ_ONLY),
             direct_io=bool(flags & LO_FLAGS_DIRECT_IO), size_bytes=size, block_size=logical_block_size(device.fd),
         )  # fmt: skip
         self.sysview.bind(slot.number, device.rdev, state)
@@ -261,10 +328,11 @@ class LoopPool:
         self._replace_node(slot, self.placeholder.rdev)
         self.sysview.unbind(slot.number, device.rdev, self.placeholder.rdev)
         self._revoke(device.rdev)
-        device.close()  # autoclear: the host device goes once the container's fds on it close
-        if slot.ticket is not None:
-            slot.ticket.release()
-        slot.device, slot.ticket, slot.backing_path, slot.autoclear = None, None, "", False
+        # Autoclear: the host device goes once the container's fds and mounts on it are gone;
+        # until then it still counts, with its ticket.
+        self.retired.append(Retired(device.number, device.diskseq, slot.ticket))
+        device.close()
+        slot.device, slot.ticket, slot.backing_path, slot.autoclear, slot.partscan = None, None, "", False, False
 
     # --- nodes and cgroups -------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from .matcher import Glob, GlobSyntaxError, MountRequest, literal_glob
 from .schema import is_fstype_name
 
 RULE_PREFIX: Final = "learned-"
+DELETED: Final = " (deleted)"  # what the kernel appends to the name of an unlinked file
 DENY_RULE: Final = "learned-deny-all"
 
 HEADER: Final = """\
@@ -65,6 +66,25 @@ def suggest(requests: Sequence[MountRequest]) -> str:
     return "".join(parts)
 
 
+def partition(requests: Sequence[MountRequest]) -> tuple[list[MountRequest], list[tuple[MountRequest, str]]]:
+    """Split `requests` into those `suggest` accepts and the others, each with the reason why not.
+
+    A container sees its requests written only at its end, when nothing can be asked again:
+    one request no policy could allow (its backing file deleted, an fd on something that has
+    no path) must cost that request, not the whole learned policy.
+    """
+    learnable: list[MountRequest] = []
+    skipped: list[tuple[MountRequest, str]] = []
+    for req in requests:
+        try:
+            _check(req)
+        except ValueError as exc:
+            skipped.append((req, str(exc)))
+        else:
+            learnable.append(req)
+    return learnable, skipped
+
+
 def source_pattern(source: str) -> str:
     """The source glob a rule learns: <dir>/*.<ext> when the file has an extension, else the path."""
     directory, _, base = source.rpartition("/")
@@ -76,12 +96,16 @@ def source_pattern(source: str) -> str:
 
 def _check(req: MountRequest) -> None:
     for what, path in (("source", req.source), ("target", req.target)):
+        if not path:
+            raise ValueError(f"cannot learn from {what} {path!r}: it has no path (deleted, or outside the container)")
         try:
             canonical = Glob.compile(literal_glob(path)).matches(path)
         except GlobSyntaxError:
             canonical = False
         if not canonical:
             raise ValueError(f"cannot learn from {what} {path!r}: policies match canonical absolute paths only")
+        if path.endswith(DELETED):
+            raise ValueError(f"cannot learn from {what} {path!r}: the file was deleted before the mount")
     if not is_fstype_name(req.fstype):
         raise ValueError(f"cannot learn from fstype {req.fstype!r}: it is not a filesystem type name")
     for option in req.options:

@@ -370,6 +370,63 @@ static int cmd_umount_race(int argc, char **argv)
 	return 0;
 }
 
+/* --- loop limits and live mounts (issue 9, limits) ------------------------------------------- */
+#include <linux/loop.h>
+#include <sys/ioctl.h>
+
+/* COUNT times: bind a free device to FILE, keep an fd on the bound device, clear it; "HELD i" each. */
+static int cmd_loophold(int argc, char **argv)
+{
+	char path[64];
+	int count = atoi(argv[0]);
+
+	(void)argc;
+	int backing = open(argv[1], O_RDONLY | O_CLOEXEC);
+	int ctl = open("/dev/loop-control", O_RDWR | O_CLOEXEC);
+	if (backing < 0 || ctl < 0)
+		return fail(errno);
+	for (int i = 0; i < count; i++) {
+		int n = ioctl(ctl, LOOP_CTL_GET_FREE);
+		if (n < 0)
+			return fail(errno);
+		snprintf(path, sizeof(path), "/dev/loop%d", n);
+		int fd = open(path, O_RDONLY | O_CLOEXEC);
+		if (fd < 0 || ioctl(fd, LOOP_SET_FD, backing) < 0)
+			return fail(errno);
+		close(fd);
+		int held = open(path, O_RDONLY | O_CLOEXEC); /* the bound device's node now; kept open */
+		if (held < 0 || ioctl(held, LOOP_CLR_FD, 0) < 0)
+			return fail(errno);
+		printf("HELD %d\n", i + 1);
+	}
+	return report(0);
+}
+
+/* LOOP_CHANGE_FD of DEV to FILE. */
+static int cmd_loopchangefd(int argc, char **argv)
+{
+	(void)argc;
+	int fd = open(argv[0], O_RDONLY | O_CLOEXEC);
+	int file = open(argv[1], O_RDONLY | O_CLOEXEC);
+	if (fd < 0 || file < 0)
+		return fail(errno);
+	return report(ioctl(fd, LOOP_CHANGE_FD, file));
+}
+
+/* LOOP_SET_STATUS64 of DEV with its offset and sizelimit set to OFFSET and SIZELIMIT. */
+static int cmd_loopstatus(int argc, char **argv)
+{
+	struct loop_info64 info;
+
+	(void)argc;
+	int fd = open(argv[0], O_RDONLY | O_CLOEXEC);
+	if (fd < 0 || ioctl(fd, LOOP_GET_STATUS64, &info) < 0)
+		return fail(errno);
+	info.lo_offset = strtoull(argv[1], NULL, 0);
+	info.lo_sizelimit = strtoull(argv[2], NULL, 0);
+	return report(ioctl(fd, LOOP_SET_STATUS64, &info));
+}
+
 struct command {
 	const char *name;
 	int min_args;
@@ -394,6 +451,9 @@ static const struct command commands[] = {
 	{"ioctl-arg", 3, 3, cmd_ioctl_arg, "ioctl-arg PATH REQUEST ARG"},
 	{"bind-race", 3, 3, cmd_bind_race, "bind-race SRC TGT SECONDS"},
 	{"umount-race", 5, 5, cmd_umount_race, "umount-race TGT FLAGS DIR_A DIR_B COUNT"},
+	{"loophold", 2, 2, cmd_loophold, "loophold COUNT FILE"},
+	{"loopchangefd", 2, 2, cmd_loopchangefd, "loopchangefd DEV FILE"},
+	{"loopstatus", 3, 3, cmd_loopstatus, "loopstatus DEV OFFSET SIZELIMIT"},
 };
 #define N_COMMANDS (sizeof(commands) / sizeof(commands[0]))
 
