@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import loop
+from .audit import AuditLimiter
 from .cgroup import DeviceCgroup
 from .fuse import FuseDaemon
 from .fuse import mounts as fuse_mounts
@@ -66,6 +67,10 @@ class Session:
     daemons: dict[int, FuseDaemon] = field(default_factory=dict)  # mount id -> the FUSE daemon serving it
     closed: bool = False
     _dirs: list[int] = field(default_factory=list)
+    audit: AuditLimiter = field(init=False)  # the container's share of the audit log
+
+    def __post_init__(self) -> None:
+        self.audit = AuditLimiter(self.log)
 
     def start(self, owner: tuple[int, int], cgroups: Sequence[DeviceCgroup]) -> Session:
         """Pin the container's init, start the helper in its mount namespace, set up its loop pool.
@@ -138,6 +143,7 @@ class Session:
         if self.closed:
             return []
         self.closed = True
+        self.audit.flush()
         for daemon in self.daemons.values():
             daemon.stop()
             daemon.close()
