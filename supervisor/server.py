@@ -2,7 +2,8 @@
 
 One event loop, no thread or process per request. Every notification received gets exactly
 one answer and one audit record, also when a handler fails: the answer is then the failure's
-errno (EIO for a bug), never a silent CONTINUE.
+errno (EIO for a bug), never a silent CONTINUE. The answer goes out first; in a flood the
+record is counted into the window's summary instead of written (supervisor/audit.py).
 """
 
 from __future__ import annotations
@@ -69,9 +70,7 @@ def _emit(
         audit["error"] = error
     if not delivered:
         audit["delivered"] = False
-    session.log.info("mount-decision", **{k: v for k, v in audit.items() if v is not None})
-    if secret:
-        session.log.debug("mount-decision-data", pid=audit["pid"], **secret)
+    session.audit.record({k: v for k, v in audit.items() if v is not None}, secret)
 
 
 def run_until_exit(session: Session, child_pidfd: int, extra: dict[int, Any] | None = None) -> None:
@@ -88,7 +87,7 @@ def run_until_exit(session: Session, child_pidfd: int, extra: dict[int, Any] | N
     try:
         while True:
             _watch_daemons(poller, session, daemons)
-            for fd, events in poller.poll():
+            for fd, events in poller.poll(session.audit.tick()):
                 if fd == child_pidfd:
                     return
                 if fd == session.listener:

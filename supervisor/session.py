@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from . import loop
+from .audit import AuditLimiter
 from .cgroup import DeviceCgroup
 from .errors import KernelError
 from .fuse import FuseDaemon
@@ -72,6 +73,10 @@ class Session:
     daemons: dict[int, FuseDaemon] = field(default_factory=dict)  # mount id -> the FUSE daemon serving it
     closed: bool = False
     _dirs: list[int] = field(default_factory=list)
+    audit: AuditLimiter = field(init=False)  # the container's share of the audit log
+
+    def __post_init__(self) -> None:
+        self.audit = AuditLimiter(self.log)
 
     def start(self, owner: tuple[int, int], cgroups: Sequence[DeviceCgroup]) -> Session:
         """Pin the container's init, start the helper in its mount namespace, set up its loop pool.
@@ -194,6 +199,7 @@ class Session:
         if self.closed:
             return []
         self.closed = True
+        self.audit.flush()
         for daemon in self.daemons.values():
             daemon.stop()
             daemon.close()

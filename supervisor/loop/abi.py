@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import struct
 from typing import Final, NamedTuple
+
+from ..errors import KernelError
 
 LOOP_SET_FD: Final = 0x4C00
 LOOP_CLR_FD: Final = 0x4C01
@@ -69,13 +72,19 @@ class LoopInfo(NamedTuple):
 CONFIG: Final = struct.Struct(f"<II{INFO64.size}s8Q")
 # struct loop_info, the old ABI (x86-64/arm64 layout: long-sized dev_t fields): number,
 # device, inode, rdevice, offset, encrypt_type, encrypt_key_size, flags, name[64],
-# encrypt_key[32], init[2], reserved[4]
-INFO_OLD: Final = struct.Struct("<i4xQQQiiii64s32s2Q4s4x")
+# encrypt_key[32], init[2], reserved[4]. The ints are read unsigned, as the kernel stores them
+# in loop_info64's u32 fields; only lo_offset is read signed: the kernel sign-extends it.
+INFO_OLD: Final = struct.Struct("<I4xQQQiIII64s32s2Q4s4x")
+_U64: Final = 2**64 - 1
 
 
 def pack_old(info: LoopInfo) -> bytes:
+    """The old struct for LOOP_GET_STATUS; EOVERFLOW, as the kernel's, if the offset does not fit its int."""
+    offset = info.offset - 2**64 if info.offset >= 2**63 else info.offset
+    if not -(2**31) <= offset < 2**31:
+        raise KernelError(errno.EOVERFLOW, "the offset does not fit the old loop_info")
     return INFO_OLD.pack(
-        info.number, info.device, info.inode, info.rdevice, info.offset, info.encrypt_type, info.encrypt_key_size,
+        info.number, info.device, info.inode, info.rdevice, offset, info.encrypt_type, info.encrypt_key_size,
         info.flags, info.file_name, info.encrypt_key, info.init0, info.init1, b"",
     )  # fmt: skip
 
@@ -84,7 +93,7 @@ def unpack_old(raw: bytes, sizelimit: int) -> LoopInfo:
     """The old struct has no sizelimit: the caller passes the one that stays."""
     number, device, inode, rdevice, offset, etype, ekeysize, flags, name, key, init0, init1, _ = INFO_OLD.unpack(raw)
     return LoopInfo(
-        device, inode, rdevice, offset, sizelimit, number, etype, ekeysize, flags, name, b"", key, init0, init1
+        device, inode, rdevice, offset & _U64, sizelimit, number, etype, ekeysize, flags, name, b"", key, init0, init1
     )
 
 

@@ -20,6 +20,8 @@ from .matcher import Policy
 from .schema import Limits, PolicyFile, allowed_keys, show_value
 
 POLICY_SUFFIXES: Final = (".yaml", ".yml")
+MAX_DEPTH: Final = 32  # nesting of lists and mappings; the schema itself needs six
+MAX_VALUES: Final = 100_000  # values after alias expansion: thousands of rules, not an alias bomb
 
 Loc = tuple[int | str, ...]
 
@@ -89,11 +91,17 @@ def _read(path: str) -> str:
 def _compose(path: str, text: str) -> yaml.Node:
     """The single YAML document in `text` as nodes, refusing empty files and duplicate keys."""
     try:
+        _check_depth(path, text)
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
-        raise _yaml_error(path, exc) from None
+        raise _yaml_error(path, exc, text) from None
     if root is None or (isinstance(root, yaml.ScalarNode) and root.tag.endswith(":null")):
         raise PolicyError(f"{path}:1:1: the file is empty; write 'version: 1' and a 'rules:' list")
+    if _expanded_size(root, {}) > MAX_VALUES:
+        raise PolicyError(
+            f"{path}:1:1: with its aliases (*name) expanded the file holds more than {MAX_VALUES} values; "
+            "write the values out instead of repeating aliases of aliases"
+        )
     duplicates = [
         f"{_position(path, key)}: duplicate key {key.value!r}; each key may appear once"
         for key in _duplicate_keys(root)
@@ -101,6 +109,23 @@ def _compose(path: str, text: str) -> yaml.Node:
     if duplicates:
         raise PolicyError("\n".join(duplicates))
     return root
+
+
+def _expanded_size(node: yaml.Node, seen: dict[int, int]) -> int:
+    """How many values `node` stands for once every alias is expanded, as validation will see it.
+
+    An alias is the very node it names, so counting each node once (`seen`) keeps this linear
+    even for "aliases of aliases" that expand exponentially.
+    """
+    if id(node) not in seen:
+        seen[id(node)] = 1  # a recursive alias is refused by the composer; this only guards the walk
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = node.value
+        seen[id(node)] = 1 + sum(_expanded_size(child, seen) for child in children)
+    return seen[id(node)]
 
 
 def _construct(path: str, root: yaml.Node) -> object:
@@ -114,9 +139,36 @@ def _construct(path: str, root: yaml.Node) -> object:
         loader.dispose()
 
 
-def _yaml_error(path: str, exc: yaml.YAMLError) -> PolicyError:
+def _check_depth(path: str, text: str) -> None:
+    """Refuse nesting deeper than any policy needs, before the recursive composer overflows the stack.
+
+    The parser's event stream is produced without recursion, so it can measure any depth.
+    """
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                mark = event.start_mark
+                where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+                raise PolicyError(
+                    f"{where}: lists and mappings nest more than {MAX_DEPTH} deep here; "
+                    "a policy needs a few levels, remove the extra nesting"
+                )
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
+def _yaml_error(path: str, exc: yaml.YAMLError, text: str = "") -> PolicyError:
+    if isinstance(exc, yaml.reader.ReaderError) and isinstance(exc.character, int):
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - text.rfind("\n", 0, exc.position)
+        return PolicyError(
+            f"{path}:{line}:{column}: invalid YAML: character U+{exc.character:04X} is not allowed; "
+            "remove it, or write it as an escape in a double-quoted string"
+        )
     if not isinstance(exc, yaml.MarkedYAMLError):
-        return PolicyError(f"{path}: invalid YAML: {exc}")
+        return PolicyError(f"{path}: invalid YAML: {' '.join(str(exc).split())}")
     mark = exc.problem_mark or exc.context_mark
     where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
     return PolicyError(f"{where}: invalid YAML: {exc.problem}; fix the syntax here")
@@ -217,8 +269,13 @@ def _position(path: str, node: yaml.Node) -> str:
 
 
 def _dotted(loc: Loc) -> str:
-    """A location as it reads in the file: rules[1].match.source."""
-    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+    """A location as it reads in the file: rules[1].match.source (a key with control characters quoted).
+
+    Each problem must stay on one line, and a key may hold a line break.
+    """
+    return "".join(
+        f"[{part}]" if isinstance(part, int) else f".{part}" if part.isprintable() else f"[{part!r}]" for part in loc
+    ).lstrip(".")
 
 
 def _check_unique_names(loaded: Sequence[_LoadedFile]) -> None:

@@ -92,7 +92,12 @@ def receive(listener: int) -> Notification | None:
         if exc.errno == errno.ENOENT:
             return None
         raise
-    nid, pid, _flags, nr, arch, _ip, *args = NOTIF.unpack(buf)
+    return decode(buf)
+
+
+def decode(raw: bytes | bytearray) -> Notification:
+    """struct seccomp_notif as the kernel filled it; only the fields the supervisor uses."""
+    nid, pid, _flags, nr, arch, _ip, *args = NOTIF.unpack(raw)
     return Notification(nid, pid, nr, arch, (args[0], args[1], args[2], args[3], args[4], args[5]))
 
 

@@ -435,6 +435,51 @@ struct command {
 	const char *usage;
 };
 
+/* audit flood control: repeat N CMD ARGS... runs CMD N times in this process and prints one
+ * line per distinct outcome, "OUTCOME COUNT" (OK, or an errno name), instead of one per call. */
+static const struct command *lookup(int argc, char **argv);
+
+static int cmd_repeat(int argc, char **argv)
+{
+	const struct command *cmd = lookup(argc - 1, argv + 1);
+	unsigned long n = parse_id(argv[0]);
+	int status = 0, saved = dup(STDOUT_FILENO), devnull = open("/dev/null", O_WRONLY | O_CLOEXEC);
+	unsigned long ok = 0, failed[4096] = {0};
+
+	if (cmd->run == cmd_exec_as || cmd->run == cmd_wait || cmd->run == cmd_repeat)
+		usage_error("repeat: %s cannot be repeated", argv[1]);
+	if (saved < 0 || devnull < 0)
+		return fail(errno);
+	fflush(stdout);
+	for (unsigned long i = 0; i < n; i++) {
+		dup2(devnull, STDOUT_FILENO); /* the command's own line; only its errno is kept */
+		errno = 0;
+		int rc = cmd->run(argc - 2, argv + 2);
+		int err = errno;
+		fflush(stdout);
+		dup2(saved, STDOUT_FILENO);
+		status |= rc;
+		if (rc == 0)
+			ok++;
+		else
+			failed[err > 0 && err < 4096 ? err : 0]++;
+	}
+	close(devnull);
+	close(saved);
+	if (ok)
+		printf("OK %lu\n", ok);
+	for (int e = 0; e < 4096; e++) {
+		if (!failed[e])
+			continue;
+		const char *name = e ? strerrorname_np(e) : NULL;
+		if (name)
+			printf("%s %lu\n", name, failed[e]);
+		else
+			printf("E%d %lu\n", e, failed[e]);
+	}
+	return status;
+}
+
 static const struct command commands[] = {
 	{"mount", 4, 5, cmd_mount, "mount SRC TGT FSTYPE FLAGS [DATA]"},
 	{"mount32", 4, 4, cmd_mount32, "mount32 SRC TGT FSTYPE FLAGS"},
@@ -454,6 +499,7 @@ static const struct command commands[] = {
 	{"loophold", 2, 2, cmd_loophold, "loophold COUNT FILE"},
 	{"loopchangefd", 2, 2, cmd_loopchangefd, "loopchangefd DEV FILE"},
 	{"loopstatus", 3, 3, cmd_loopstatus, "loopstatus DEV OFFSET SIZELIMIT"},
+	{"repeat", 2, -1, cmd_repeat, "repeat N CMD ARGS..."},
 };
 #define N_COMMANDS (sizeof(commands) / sizeof(commands[0]))
 
