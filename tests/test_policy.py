@@ -366,8 +366,8 @@ def test_unknown_rule_and_match_keys(tmp_path: Path) -> None:
     assert first.startswith(f"{path}:5:5: rules[0].matches: unknown key 'matches'; use one of:")
     assert first.endswith("name, containers, match, action, options, idmap, daemon, errno")
     assert second == (
-        f"{path}:7:25: rules[1].match.fs: unknown key 'fs'; use one of: source, target, fstype, size, sha256, "
-        "read_only, options_allowed, options_forbidden, max_loop_devices"
+        f"{path}:7:25: rules[1].match.fs: unknown key 'fs'; use one of: source, container_sources, target, fstype, "
+        "size, sha256, read_only, options_allowed, options_forbidden, max_loop_devices"
     )
 
 

@@ -31,6 +31,7 @@ from typing import Final
 
 from ..cgroup import DeviceCgroup
 from ..errors import KernelError
+from ..policy import SourceOrigin
 from . import quota
 from .abi import LO_FLAGS_AUTOCLEAR, LO_FLAGS_DIRECT_IO, LO_FLAGS_PARTSCAN, LO_FLAGS_READ_ONLY
 from .device import LoopDevice, attach, device_size, logical_block_size, status64
@@ -49,6 +50,7 @@ class Slot:
     backing_path: str = ""
     autoclear: bool = False
     ticket: quota.Ticket | None = None
+    backing_origin: SourceOrigin = "container"  # judged when bound, never re-read (supervisor/origin.py)
 
     @property
     def host(self) -> LoopDevice:
@@ -69,6 +71,7 @@ class BindRequest:
     flags: int = 0
     block_size: int = 0
     name: str = ""
+    backing_origin: SourceOrigin = "container"
 
 
 class LoopPool:
@@ -216,6 +219,7 @@ class LoopPool:
             raise
         slot.device, slot.ticket = device, ticket
         slot.backing_path = req.backing_path
+        slot.backing_origin = req.backing_origin
         slot.autoclear = bool(req.flags & LO_FLAGS_AUTOCLEAR)
         self._grant(device.rdev)
         self._replace_node(slot, device.rdev)
@@ -259,6 +263,7 @@ class LoopPool:
         if slot.ticket is not None:
             slot.ticket.release()
         slot.device, slot.ticket, slot.backing_path, slot.autoclear = None, None, "", False
+        slot.backing_origin = "container"
 
     # --- nodes and cgroups -------------------------------------------------------------------
 
