@@ -6,17 +6,18 @@ mean the host's files, so each source is judged against the container's mount tr
 before its command ran (`Tree`, taken by Session.start):
 
 * the caller's root must still be the container's original root (no chroot of its own);
-* the file's mount (statx STATX_MNT_ID on the fd the supervisor holds) must be the mount the
-  original tree has at that path (a walk over the recorded tree, so a hidden file under an
-  original mount does not count), and
-* that mount must still sit where it sat, showing the same subtree of the same superblock
-  (mount point, root and device as mountinfo shows them now).
+* the file's mount (statx on the fd the supervisor holds) must be the very mount the original
+  tree has at that path (a walk over the recorded tree, so a file hidden under an original
+  mount does not count), compared by the unique mount id the kernel never reuses, and
+* that mount must still sit where it sat (its mount point in mountinfo now).
 
 Then the path names the file the host had there, and the source is "host"; anything else is
 "container". Mounts the supervisor made for the container are not in the original tree: the
-bytes in them are the container's. Legacy mount ids are reused once freed, which is why the
-place, root and device are compared too: a reused id that passes shows the same subtree at the
-same place, so the same file.
+bytes in them are the container's. Mountinfo shows only legacy ids, which the kernel gives
+to a new mount once the old one is freed (an unmount, then a tmpfs on the same place, got the
+same id and device number on 6.18); so the tree also records each reachable mount's unique id,
+looked up from the root before the command runs; a mount not found at its own mount point
+that way (hidden by another) is never the host's.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import os
 from dataclasses import dataclass
 
 from . import mountinfo
+from .errors import KernelError
+from .paths import resolve
 from .policy.matcher import SourceOrigin
 from .syscalls import mount_id
 
@@ -36,31 +39,36 @@ class Tree:
     """A container's mounts before its command ran, and the root they are seen from."""
 
     mounts: dict[int, mountinfo.Mount]
+    unique: dict[int, int]  # mountinfo's id -> the unique id, for mounts reachable from the root
     root_id: int
     root_key: tuple[int, int]  # st_dev, st_ino of the root directory
     children: dict[tuple[int, str], tuple[int, ...]]  # (parent id, mount point) -> mounts there
 
     @classmethod
     def take(cls, pid: int) -> Tree:
-        """Record the tree of `pid` (the container's init) as it sees it, from its own root."""
+        """Record the tree of `pid` (the container's init, before the command runs) from its own root."""
         proc = os.open(f"/proc/{pid}", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             root = os.open("root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=proc)
             try:
-                root_id, st = mount_id(root), os.fstat(root)
+                mounts = mountinfo.read(proc)
+                unique = {m.mnt_id: u for m in mounts.values() if (u := _unique_id(root, m)) is not None}
+                st = os.fstat(root)
+                return cls.of(mounts, unique, mount_id(root), (st.st_dev, st.st_ino))
             finally:
                 os.close(root)
-            return cls.of(mountinfo.read(proc), root_id, (st.st_dev, st.st_ino))
         finally:
             os.close(proc)
 
     @classmethod
-    def of(cls, mounts: dict[int, mountinfo.Mount], root_id: int, root_key: tuple[int, int]) -> Tree:
+    def of(
+        cls, mounts: dict[int, mountinfo.Mount], unique: dict[int, int], root_id: int, root_key: tuple[int, int]
+    ) -> Tree:
         children: dict[tuple[int, str], tuple[int, ...]] = {}
         for m in mounts.values():
             key = (m.parent_id, m.mount_point)
             children[key] = (*children.get(key, ()), m.mnt_id)
-        return cls(mounts, root_id, root_key, children)
+        return cls(mounts, unique, root_id, root_key, children)
 
     def owner(self, path: str) -> mountinfo.Mount | None:
         """The mount a lookup of the canonical `path` ended on in this tree; None if unclear.
@@ -88,12 +96,22 @@ class Tree:
         if mount_id(root_fd) != self.root_id or (st.st_dev, st.st_ino) != self.root_key:
             return "container"
         then = self.owner(path)
-        if then is None or mount_id(fd) != then.mnt_id:
+        if then is None or then.mnt_id not in self.unique or mount_id(fd, unique=True) != self.unique[then.mnt_id]:
             return "container"
+        # The same mount, alive (our fd holds it), so it still owns its mountinfo id.
         now = mountinfo.read(proc_fd).get(then.mnt_id)
-        if now is None or (now.mount_point, now.root, now.dev) != (then.mount_point, then.root, then.dev):
-            return "container"
-        return "host"
+        return "host" if now is not None and now.mount_point == then.mount_point else "container"
+
+
+def _unique_id(root: int, m: mountinfo.Mount) -> int | None:
+    """The unique id of `m`, looked up at its mount point; None where another mount is found there."""
+    try:
+        with resolve(root, m.mount_point, follow_last=False) as found:
+            if mount_id(found.fd) != m.mnt_id:
+                return None
+            return mount_id(found.fd, unique=True)
+    except KernelError:
+        return None
 
 
 def judge(tree: Tree | None, *, proc_fd: int, root_fd: int, fd: int, path: str) -> SourceOrigin:
