@@ -25,6 +25,7 @@ from .fuse import mounts as fuse_mounts
 from .loop.pool import LoopPool
 from .loop.sysview import SysView
 from .nshelper import NsHelper
+from .origin import Tree
 from .policy import ContainerInfo, MountRequest, Policy
 from .seccomp import notify
 from .syscalls import pidfd_open
@@ -71,6 +72,7 @@ class Session:
     owner: tuple[int, int] = (0, 0)  # host uid and gid of the container's root
     cgroup_paths: list[str] = field(default_factory=list)
     daemons: dict[int, FuseDaemon] = field(default_factory=dict)  # mount id -> the FUSE daemon serving it
+    tree_at_start: Tree | None = None  # mounts before the command ran: what "the host's file" means
     closed: bool = False
     _dirs: list[int] = field(default_factory=list)
     audit: AuditLimiter = field(init=False)  # the container's share of the audit log
@@ -89,6 +91,7 @@ class Session:
         self.cgroup_paths = [group.path for group in cgroups]
         notify.set_sync_wakeup(self.listener)
         self.pidfd = pidfd_open(self.init_pid)
+        self.tree_at_start = Tree.take(self.init_pid)
         self.helper = NsHelper.start(self.pidfd)
         self.userns_fd = os.open(f"/proc/{self.init_pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
         # The pool works in private copies of these mounts: a dirfd on the container's own

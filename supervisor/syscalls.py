@@ -225,16 +225,22 @@ def setfsgid(gid: int) -> int:
 
 
 STATX_MNT_ID: Final = 0x1000
+STATX_MNT_ID_UNIQUE: Final = 0x4000  # Linux 6.8: a 64-bit id never given to another mount
 _STATX_SIZE: Final = 256
 _STATX_MNT_ID_OFFSET: Final = 0x90
 
 
-def mount_id(fd: int) -> int:
-    """The id of the mount `fd` is on (statx STATX_MNT_ID); works without a /proc of our own."""
+def mount_id(fd: int, *, unique: bool = False) -> int:
+    """The id of the mount `fd` is on (statx STATX_MNT_ID); works without a /proc of our own.
+
+    The default is the id mountinfo shows, which the kernel reuses once the mount is freed;
+    `unique` asks for the one it never reuses (not shown in mountinfo).
+    """
+    want = STATX_MNT_ID_UNIQUE if unique else STATX_MNT_ID
     buf = ctypes.create_string_buffer(_STATX_SIZE)
-    _check(_libc.statx(ctypes.c_int(fd), b"", ctypes.c_int(AT_EMPTY_PATH), ctypes.c_uint(STATX_MNT_ID), buf), "statx")
+    _check(_libc.statx(ctypes.c_int(fd), b"", ctypes.c_int(AT_EMPTY_PATH), ctypes.c_uint(want), buf), "statx")
     mask = int.from_bytes(buf.raw[0:4], "little")
-    if not mask & STATX_MNT_ID:
+    if not mask & want:
         raise KernelError(38, "statx does not report mount ids on this kernel")
     return int.from_bytes(buf.raw[_STATX_MNT_ID_OFFSET : _STATX_MNT_ID_OFFSET + 8], "little")
 

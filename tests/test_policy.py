@@ -366,8 +366,8 @@ def test_unknown_rule_and_match_keys(tmp_path: Path) -> None:
     assert first.startswith(f"{path}:5:5: rules[0].matches: unknown key 'matches'; use one of:")
     assert first.endswith("name, containers, match, action, options, idmap, daemon, errno")
     assert second == (
-        f"{path}:7:25: rules[1].match.fs: unknown key 'fs'; use one of: source, target, fstype, size, sha256, "
-        "read_only, options_allowed, options_forbidden, max_loop_devices"
+        f"{path}:7:25: rules[1].match.fs: unknown key 'fs'; use one of: source, container_sources, target, fstype, "
+        "size, sha256, read_only, options_allowed, options_forbidden, max_loop_devices"
     )
 
 
@@ -1270,6 +1270,7 @@ REQUESTS = st.builds(
     sha256=st.one_of(st.none(), st.sampled_from([TRUSTED_DIGEST, TRUSTED_DIGEST.upper(), "0" * 64])),
     container=CONTAINERS,
     loop_devices=st.integers(0, 6),
+    source_origin=st.sampled_from(["host", "container", "deleted"]),
 )
 
 
@@ -1307,3 +1308,98 @@ def test_literal_path_glob_matches_only_its_path(parts: list[str], others: list[
     glob = Glob.compile(literal_glob(path))
     assert glob.matches(path)
     assert glob.matches(other) is (other == path)
+
+
+# --- source origin: globs mean the host's files ----------------------------------------------
+
+ORIGIN_POLICY = """
+    version: 1
+    rules:
+      - name: host-images
+        match: {source: /srv/img/*.ext4}
+        action: kernel
+      - name: container-images
+        match: {source: /home/**, container_sources: true}
+        action: fuse
+      - name: by-digest
+        match: {sha256: "%s"}
+        action: kernel
+""" % ("ab" * 32)
+
+
+def _origin(source: str, origin: str, sha256: str | None = None) -> MountRequest:
+    return dataclasses.replace(request(source), source_origin=origin, sha256=sha256)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("source", "origin", "sha256", "rule"),
+    [
+        ("/srv/img/a.ext4", "host", None, "host-images"),
+        ("/srv/img/a.ext4", "container", None, None),  # the container's file at a trusted path
+        ("/srv/img/a.ext4", "deleted", None, None),
+        ("/home/u/a.ext4", "container", None, "container-images"),
+        ("/home/u/a.ext4", "host", None, "container-images"),  # container_sources widens, never narrows
+        ("/home/u/a.ext4", "deleted", None, None),  # even container_sources cannot match a deleted file
+        ("/srv/img/a.ext4", "container", "ab" * 32, "by-digest"),  # no source glob: origin is no condition
+        ("/anywhere", "deleted", "ab" * 32, "by-digest"),
+    ],
+)
+def test_source_globs_match_only_the_hosts_files_unless_the_rule_widens_them(
+    tmp_path: Path, source: str, origin: str, sha256: str | None, rule: str | None
+) -> None:
+    policy = policy_from(tmp_path, ORIGIN_POLICY)
+    assert policy.evaluate(_origin(source, origin, sha256)).rule == rule
+
+
+def test_explain_says_the_source_is_the_containers(tmp_path: Path) -> None:
+    policy = policy_from(tmp_path, ORIGIN_POLICY)
+    steps = policy.explain(_origin("/srv/img/a.ext4", "container")).steps
+    assert steps[0] == Step(
+        "host-images",
+        False,
+        "source /srv/img/a.ext4 is the container's (reached through a mount it made or moved, not the host's "
+        "file at that path); add container_sources: true to the match to accept such sources",
+    )
+    deleted = policy.explain(_origin("/srv/img/a.ext4 (deleted)", "deleted"))
+    assert deleted.steps[0].why == (
+        "source /srv/img/a.ext4 (deleted) was deleted; a source glob matches only files that still have their name"
+    )
+    assert deleted.decision.reason == (
+        "no rule matched /srv/img/a.ext4 (deleted) on /mnt (ext4, source deleted); add a rule to the policy"
+    )
+    made = policy.explain(_origin("/srv/img/a.ext4", "container")).decision.reason
+    assert (
+        made == "no rule matched /srv/img/a.ext4 on /mnt (ext4, source made by the container); add a rule to the policy"
+    )
+
+
+def test_requests_are_the_hosts_unless_told(tmp_path: Path) -> None:
+    assert request().source_origin == "host"
+
+
+@pytest.mark.parametrize(
+    ("match", "error"),
+    [
+        (
+            "{container_sources: true}",
+            "rules[0].match.container_sources: container_sources only widens a source glob, and this match has "
+            "none (it accepts any source already); add a source glob or remove container_sources",
+        ),
+        (
+            "{source: /x, container_sources: yes please}",
+            "rules[0].match.container_sources: 'yes please' is not true or false; write true or false",
+        ),
+    ],
+)
+def test_container_sources_is_checked(tmp_path: Path, match: str, error: str) -> None:
+    path = write(tmp_path, "p.yaml", f"version: 1\nrules:\n  - {{name: a, match: {match}, action: kernel}}\n")
+    message = load_error([path])
+    assert message.startswith(f"{path}:3:") and message.endswith(error), message
+
+
+def test_container_sources_false_is_the_default(tmp_path: Path) -> None:
+    policy = policy_from(
+        tmp_path, "version: 1\nrules: [{name: a, match: {source: /x, container_sources: false}, action: kernel}]\n"
+    )
+    assert policy.rules[0].match is not None and policy.rules[0].match.container_sources is False
+    assert policy.evaluate(_origin("/x", "container")).rule is None

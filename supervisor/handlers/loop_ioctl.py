@@ -27,6 +27,7 @@ import struct
 from collections.abc import Callable
 from typing import Final
 
+from .. import origin
 from ..errors import KernelError
 from ..loop.abi import (
     BLKGETSIZE,
@@ -58,6 +59,7 @@ from ..loop.abi import (
 )
 from ..loop.device import device_size, status64
 from ..loop.pool import BindRequest, LoopPool, Slot
+from ..policy import SourceOrigin
 from ..registry import Call
 from ..seccomp.notify import Response
 
@@ -162,15 +164,25 @@ def _bind(r: Request, backing: int, info: LoopInfo, block_size: int) -> Response
         mode = os.fstat(ours).st_mode
         if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
             raise KernelError(errno.EINVAL, "a loop device needs a regular file or block device to back it")
-        path = t.fd_path(backing)
+        path, source_origin = _backing_file(r, ours)
         read_only = bool(info.flags & LO_FLAGS_READ_ONLY) or not r.writable
-        req = BindRequest(ours, path, read_only, info.offset, info.sizelimit, info.flags, block_size, info.name)
+        req = BindRequest(
+            ours, path, read_only, info.offset, info.sizelimit, info.flags, block_size, info.name, source_origin
+        )
         r.call.audit.update(backing_file=path, read_only=read_only, offset=info.offset, sizelimit=info.sizelimit)
+        r.call.audit["source_origin"] = source_origin
         r.pool.bind(slot, req)
     finally:
         os.close(ours)
     r.call.audit["host_device"] = slot.host.path
     return r.done()
+
+
+def _backing_file(r: Request, ours: int) -> tuple[str, SourceOrigin]:
+    """Path and origin of the file the supervisor took, judged now and kept with the slot."""
+    t = r.call.target
+    tree = r.call.session.tree_at_start
+    return origin.backing_file(tree, proc_fd=t.proc, root_fd=t.root, root_path=t.root_path, fd=ours)
 
 
 def _set_fd(r: Request) -> Response:
@@ -257,9 +269,9 @@ def _change_fd(r: Request) -> Response:
     ours = r.call.target.take_fd(r.arg & 0xFFFFFFFF)
     try:
         fcntl.ioctl(slot.host.fd, LOOP_CHANGE_FD, ours)
+        slot.backing_path, slot.backing_origin = _backing_file(r, ours)
     finally:
         os.close(ours)
-    slot.backing_path = r.call.target.fd_path(r.arg & 0xFFFFFFFF)
     r.pool.refresh(slot)
     return r.done()
 

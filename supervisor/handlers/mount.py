@@ -28,14 +28,14 @@ import stat
 from dataclasses import dataclass
 from typing import Final
 
-from .. import fuse, mountopts
+from .. import fuse, mountopts, origin
 from .. import syscalls as s
 from ..errors import KernelError
 from ..loop.abi import LO_FLAGS_AUTOCLEAR
 from ..loop.pool import BindRequest, LoopPool, Slot
 from ..nshelper import Mount, SetAttr
 from ..paths import Resolved
-from ..policy import Decision, MountRequest, Policy
+from ..policy import Decision, MountRequest, Policy, SourceOrigin
 from ..probe import kernel_driver, probe_fd
 from ..registry import Call
 from ..seccomp.notify import Response
@@ -93,6 +93,7 @@ class _Source:
     image: Resolved
     fd: int
     policy_path: str
+    origin: SourceOrigin
     slot: Slot | None = None
     copies: list[int] = dataclasses.field(default_factory=list)  # sealed copies made for a digest
 
@@ -114,8 +115,10 @@ def _open_source(call: Call, source: str) -> _Source:
             if slot is None:
                 raise KernelError(errno.EPERM, "only the container's own loop devices can be mounted", image.path)
             call.audit.update(device=f"/dev/loop{slot.number}", backing_file=slot.backing_path)
-            return _Source(image, os.dup(slot.host.fd), slot.backing_path, slot)
-        return _Source(image, _open_as_caller(t, image, os.O_RDONLY), image.path)
+            return _Source(image, os.dup(slot.host.fd), slot.backing_path, slot.backing_origin, slot)
+        tree = call.session.tree_at_start
+        judged = origin.judge(tree, proc_fd=t.proc, root_fd=t.root, fd=image.fd, path=image.path)
+        return _Source(image, _open_as_caller(t, image, os.O_RDONLY), image.path, judged)
     except BaseException:
         image.close()
         raise
@@ -147,7 +150,9 @@ def _mount_image(call: Call, source: str, target: str, fstype: str | None, opts:
             request = MountRequest(
                 src.policy_path, where.path, facts.fstype, opts.read_only, opts.fs_options, size=facts.size,
                 sha256=copy[1] if copy else None, container=session.info, loop_devices=_pool(call).held_count(),
+                source_origin=src.origin,
             )  # fmt: skip
+            call.audit["source_origin"] = src.origin
             decision = _decide(call, request)
             final = opts.with_forced(decision.options)
             mountopts.check_fs_options(facts.fstype, final.fs_options)
@@ -292,7 +297,7 @@ def _attach(
     slot = src.slot
     if slot is None:
         slot = pool.slots[pool.get_free()]
-        bind = BindRequest(src.fd, src.policy_path, opts.read_only, flags=LO_FLAGS_AUTOCLEAR)
+        bind = BindRequest(src.fd, src.policy_path, opts.read_only, flags=LO_FLAGS_AUTOCLEAR, backing_origin=src.origin)
         pool.bind(slot, bind)
     device = slot.host
     try:

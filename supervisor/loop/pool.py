@@ -46,6 +46,7 @@ from typing import Final
 from .. import fdops
 from ..cgroup import DeviceCgroup
 from ..errors import KernelError
+from ..policy import SourceOrigin
 from . import quota
 from .abi import LO_FLAGS_AUTOCLEAR, LO_FLAGS_DIRECT_IO, LO_FLAGS_PARTSCAN, LO_FLAGS_READ_ONLY, LOOP_MAJOR
 from .device import LoopDevice, attach, device_size, diskseq, logical_block_size, status64, still_bound
@@ -66,6 +67,7 @@ class Slot:
     autoclear: bool = False
     partscan: bool = False  # what the container asked for; never set on the host device
     ticket: quota.Ticket | None = None
+    backing_origin: SourceOrigin = "container"  # judged when bound, never re-read (supervisor/origin.py)
 
     @property
     def host(self) -> LoopDevice:
@@ -98,6 +100,7 @@ class BindRequest:
     flags: int = 0
     block_size: int = 0
     name: str = ""
+    backing_origin: SourceOrigin = "container"
 
 
 class LoopPool:
@@ -287,6 +290,7 @@ class LoopPool:
             raise
         slot.device, slot.ticket = device, ticket
         slot.backing_path = req.backing_path
+        slot.backing_origin = req.backing_origin
         slot.autoclear = bool(req.flags & LO_FLAGS_AUTOCLEAR)
         slot.partscan = bool(req.flags & LO_FLAGS_PARTSCAN)
         self._grant(device.rdev)
@@ -333,6 +337,7 @@ class LoopPool:
         self.retired.append(Retired(device.number, device.diskseq, slot.ticket))
         device.close()
         slot.device, slot.ticket, slot.backing_path, slot.autoclear, slot.partscan = None, None, "", False, False
+        slot.backing_origin = "container"
 
     # --- nodes and cgroups -------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from . import learn
 from .loader import PolicyError, load_policy
-from .matcher import ContainerInfo, Decision, Explanation, MountRequest, Policy, Step
+from .matcher import ContainerInfo, Decision, Explanation, MountRequest, Policy, SourceOrigin, Step
 from .schema import Rule
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "Policy",
     "PolicyError",
     "Rule",
+    "SourceOrigin",
     "Step",
     "learn",
     "load_policy",

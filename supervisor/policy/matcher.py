@@ -11,12 +11,19 @@ import errno
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Literal
 
 if TYPE_CHECKING:
     from .schema import Containers, Limits, Match, Rule
 
 DEFAULT_ERRNO: Final = "EPERM"
+
+# Whose file a source path names (supervisor/origin.py decides): "host" when it was reached
+# through mounts the container already had when it started, at their original places, so it is
+# the file the host (or the runtime's rootfs) has at that path; "container" when a mount the
+# container made, moved or had the supervisor make leads there; "deleted" when the loop
+# device's backing file no longer has the name it had.
+SourceOrigin = Literal["host", "container", "deleted"]
 
 # "**" as a whole component: zero or more further components.
 _ANY_COMPONENTS: Final = "(?:/[^/]+)*"
@@ -168,6 +175,7 @@ class MountRequest:
     sha256: str | None = None  # hex digest of the image, supplied only when Policy.needs_digest
     container: ContainerInfo = ContainerInfo()
     loop_devices: int = 0  # loop devices the container holds right now
+    source_origin: SourceOrigin = "host"  # whose file `source` is (see SourceOrigin)
 
 
 @dataclass(frozen=True)
@@ -289,9 +297,19 @@ def _container_mismatch(sel: Containers, info: ContainerInfo) -> str | None:
 
 
 def _source_mismatch(match: Match, req: MountRequest) -> str | None:
-    if match.source is None or _any_glob(match.source, req.source):
+    """Globs name the host's files: a container-made source matches only where the rule says so."""
+    if match.source is None:
         return None
-    return f"source {req.source} does not match {_alternatives(match.source)}"
+    if req.source_origin == "deleted":
+        return f"source {req.source} was deleted; a source glob matches only files that still have their name"
+    if not _any_glob(match.source, req.source):
+        return f"source {req.source} does not match {_alternatives(match.source)}"
+    if req.source_origin == "container" and not match.container_sources:
+        return (
+            f"source {req.source} is the container's (reached through a mount it made or moved, not the host's "
+            "file at that path); add container_sources: true to the match to accept such sources"
+        )
+    return None
 
 
 def _target_mismatch(match: Match, req: MountRequest) -> str | None:
@@ -430,4 +448,11 @@ def _decide(rule: Rule, req: MountRequest) -> Decision:
 
 
 def _describe(req: MountRequest) -> str:
-    return f"{req.source} on {req.target} ({req.fstype})"
+    return f"{req.source} on {req.target} ({req.fstype}{_ORIGIN_NOTE[req.source_origin]})"
+
+
+_ORIGIN_NOTE: Final[dict[str, str]] = {
+    "host": "",
+    "container": ", source made by the container",
+    "deleted": ", source deleted",
+}

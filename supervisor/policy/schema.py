@@ -349,9 +349,16 @@ class SizeRange(_Model):
 
 
 class Match(_Model):
-    """Conditions that must all hold; a missing key places no condition."""
+    """Conditions that must all hold; a missing key places no condition.
+
+    `source` globs name the host's files (or the runtime's rootfs): a path the container made
+    lead elsewhere, by a bind, move or mount of its own (the supervisor's mounts included),
+    matches only with `container_sources: true`, for rules that trust the image's bytes (a
+    digest, a FUSE daemon) rather than where it lies.
+    """
 
     source: Globs | None = None
+    container_sources: StrictBool = False
     target: Globs | None = None
     fstype: FsTypes | None = None
     size: SizeRange | None = None
@@ -360,6 +367,17 @@ class Match(_Model):
     options_allowed: Annotated[tuple[OptionGlob, ...], BeforeValidator(_as_list_or_empty)] | None = None
     options_forbidden: Annotated[tuple[OptionGlob, ...], BeforeValidator(_as_list)] | None = None
     max_loop_devices: Annotated[int, PlainValidator(_loop_count)] | None = None
+
+    @field_validator("container_sources")
+    @classmethod
+    def _widens_a_source(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("source") is None:
+            raise PydanticCustomError(
+                "container_sources_without_source",
+                "container_sources only widens a source glob, and this match has none (it accepts any source "
+                "already); add a source glob or remove container_sources",
+            )
+        return value
 
 
 class Rule(_Model):
