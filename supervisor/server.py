@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from .errors import KernelError, errno_name
-from .registry import NATIVE_ARCH, Call, arch_name, handlers, syscall_name
+from .registry import NATIVE_ARCH, Call, abi_name, check_served, handlers, syscall_name
 from .seccomp import notify
 from .session import Session
 from .target import Target
@@ -30,14 +30,15 @@ def serve_one(session: Session) -> None:
     started = time.perf_counter_ns()
     name = syscall_name(notif)
     audit: dict[str, Any] = {"container": session.name, "pid": notif.pid, "syscall": name or f"nr {notif.nr}"}
-    if notif.arch != NATIVE_ARCH:
-        audit["abi"] = arch_name(notif.arch)
+    if notif.arch != NATIVE_ARCH or abi_name(notif) == "x32":
+        audit["abi"] = abi_name(notif)
     response = notify.Response.errno(notif.id, errno.EIO)
     error: str | None = None
     try:
+        check_served(notif)
         handler = _HANDLERS.get(name or "")
         if handler is None:
-            raise KernelError(errno.ENOSYS, f"mountwarden does not serve this call on the {arch_name(notif.arch)} ABI")
+            raise KernelError(errno.ENOSYS, f"mountwarden does not serve this call on the {abi_name(notif)} ABI")
         with Target(session.listener, notif) as target:
             response = handler(Call(session, notif, target, audit))
     except KernelError as exc:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
+import fcntl
 import os
 import platform
 from typing import Final
@@ -266,3 +268,51 @@ def read_signal(fd: int) -> tuple[int, int] | None:
     except BlockingIOError:
         return None
     return int.from_bytes(data[0:4], "little"), int.from_bytes(data[8:12], "little", signed=True)
+
+
+class _IoVec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+_libc.process_vm_readv.restype = ctypes.c_ssize_t
+
+
+def process_vm_readv(pid: int, addr: int, size: int) -> bytes:
+    """Up to `size` bytes at `addr` in task `pid`, with copy_from_user's rules: no FOLL_FORCE, so a
+    PROT_NONE or unmapped page ends the read (short, or EFAULT at its first byte)."""
+    buf = ctypes.create_string_buffer(size)
+    local, remote = _IoVec(ctypes.addressof(buf), size), _IoVec(addr, size)
+    n = _check(_libc.process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0), "process_vm_readv")
+    return buf.raw[:n]
+
+
+NS_GET_USERNS: Final = 0xB701
+NS_GET_PARENT: Final = 0xB702
+NS_GET_OWNER_UID: Final = 0xB704
+
+
+def _ns_ioctl(fd: int, request: int, what: str) -> int:
+    try:
+        return fcntl.ioctl(fd, request)
+    except OSError as exc:
+        raise KernelError(exc.errno or errno.EPERM, what) from None
+
+
+def ns_get_userns(ns_fd: int) -> int:
+    """An fd on the user namespace that owns the namespace `ns_fd` refers to."""
+    return _ns_ioctl(ns_fd, NS_GET_USERNS, "NS_GET_USERNS")
+
+
+def ns_get_parent(userns_fd: int) -> int:
+    """An fd on the parent user namespace; EPERM at the top of the supervisor's view."""
+    return _ns_ioctl(userns_fd, NS_GET_PARENT, "NS_GET_PARENT")
+
+
+def ns_get_owner_uid(userns_fd: int) -> int:
+    """The uid that created the user namespace, as the supervisor's namespace sees it."""
+    buf = bytearray(4)
+    try:
+        fcntl.ioctl(userns_fd, NS_GET_OWNER_UID, buf, True)
+    except OSError as exc:
+        raise KernelError(exc.errno or errno.EINVAL, "NS_GET_OWNER_UID") from None
+    return int.from_bytes(buf, "little")

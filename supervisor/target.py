@@ -1,9 +1,14 @@
 """The notifying task, pinned before anything it says is trusted.
 
-Ordering rule: open every handle on the task (pidfd, /proc/<tid>, mem, root, cwd, status)
-first, then check SECCOMP_IOCTL_NOTIF_ID_VALID. Only then do the handles provably belong to
-the task that made the call, not to a recycled tid. Arguments are read from memory once and
-ID_VALID is checked again before acting; every later decision uses those copies.
+Ordering rule: open every handle on the task (pidfd, /proc/<tid>, mem, root, cwd, status,
+its user and mount namespaces) first, then check SECCOMP_IOCTL_NOTIF_ID_VALID. Only then do
+the handles provably belong to the task that made the call, not to a recycled tid.
+
+Arguments are read from memory once, with process_vm_readv (copy_from_user's rules: a
+PROT_NONE page is EFAULT; /proc/<tid>/mem would read it through FOLL_FORCE), and ID_VALID is
+checked after every read, which also proves the tid still named the caller while it was read;
+every later decision uses those copies. Results are written through the pinned mem handle,
+only where the task's own maps say it could write (mem alone would write read-only pages).
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -22,12 +27,15 @@ from .seccomp import notify
 
 CAP_DAC_OVERRIDE: Final = 1
 CAP_SYS_ADMIN: Final = 21
+ALL_CAPS: Final = (1 << 64) - 1
 _PAGE: Final = os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass(frozen=True)
 class Creds:
-    """The task's ids as the host sees them, and its effective capabilities in its own namespace."""
+    """The task's ids as the host sees them, and its effective capabilities over its mount
+    namespace: what ns_capable(mnt_ns->user_ns, cap) would grant it, not its CapEff (which is
+    relative to the task's own user namespace, and full in any namespace it just created)."""
 
     uid: int
     gid: int
@@ -40,12 +48,45 @@ class Creds:
         return bool(self.cap_eff >> cap & 1)
 
 
-def _parse_status(text: str) -> Creds:
+def _parse_status(text: str, caps_over_mnt_ns: Callable[[int, int], int]) -> Creds:
     fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
     uids = [int(x) for x in fields["Uid"].split()]
     gids = [int(x) for x in fields["Gid"].split()]
     groups = tuple(int(x) for x in fields.get("Groups", "").split())
-    return Creds(uids[0], gids[0], uids[3], gids[3], groups, int(fields["CapEff"].strip(), 16))
+    caps = caps_over_mnt_ns(int(fields["CapEff"].strip(), 16), uids[1])
+    return Creds(uids[0], gids[0], uids[3], gids[3], groups, caps)
+
+
+def _same_ns(a: int, b: int) -> bool:
+    sa, sb = os.fstat(a), os.fstat(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def caps_over(owner: int, caller_userns: int, cap_eff: int, euid: int) -> int:
+    """The capabilities a task holds in user namespace `owner` (cap_capable in the kernel).
+
+    In its own namespace, its CapEff. In a descendant namespace, none, unless it owns (by
+    euid) the child of its own namespace on the way down, which gives it all. Anywhere else,
+    none. `owner` is consumed (closed).
+    """
+    ns = owner
+    try:
+        while True:
+            if _same_ns(ns, caller_userns):
+                return cap_eff
+            try:
+                parent = sys_.ns_get_parent(ns)
+            except KernelError:  # the top of the supervisor's view: not below the caller's namespace
+                return 0
+            try:
+                found_owner = _same_ns(parent, caller_userns) and sys_.ns_get_owner_uid(ns) == euid
+            finally:
+                os.close(ns)
+                ns = parent
+            if found_owner:
+                return ALL_CAPS
+    finally:
+        os.close(ns)
 
 
 class Target:
@@ -61,7 +102,7 @@ class Target:
         self.notif = notif
         self.pid = notif.pid
         self._fds: list[int] = []
-        self.pidfd = self.proc = self.mem = self.root = -1
+        self.pidfd = self.proc = self.mem = self.root = self.userns = self.mntns = -1
         self.creds: Creds | None = None
         self.cwd_path = "/"
         self.root_path = "/"
@@ -74,13 +115,17 @@ class Target:
             self.proc = self._keep(os.open(f"/proc/{self.pid}", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
             self.mem = self._keep(os.open("mem", os.O_RDWR | os.O_CLOEXEC, dir_fd=self.proc))
             self.root = self._keep(os.open("root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.proc))
+            self.userns = self._keep(os.open("ns/user", os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.proc))
+            self.mntns = self._keep(os.open("ns/mnt", os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.proc))
             status = self._read_proc("status")
             cwd = os.readlink("cwd", dir_fd=self.proc)
             root = os.readlink("root", dir_fd=self.proc)
         except OSError as exc:
             raise KernelError(exc.errno or errno.ESRCH, "the calling task went away while being pinned") from None
         self.check()
-        self.creds = _parse_status(status)
+        self.creds = _parse_status(
+            status, lambda cap_eff, euid: caps_over(sys_.ns_get_userns(self.mntns), self.userns, cap_eff, euid)
+        )
         self.cwd_path = _relative_to_root(cwd, root)
         self.root_path = root
         return self
@@ -89,10 +134,13 @@ class Target:
         self._fds.append(fd)
         return fd
 
-    def _read_proc(self, name: str) -> str:
+    def _read_proc(self, name: str, limit: int | None = 65536) -> str:
         fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.proc)
         try:
-            return os.read(fd, 65536).decode(errors="replace")
+            if limit is not None:
+                return os.read(fd, limit).decode(errors="replace")
+            with os.fdopen(os.dup(fd), "rb") as f:
+                return f.read().decode(errors="replace")
         finally:
             os.close(fd)
 
@@ -112,37 +160,62 @@ class Target:
         out = bytearray()
         while len(out) < limit:
             want = min(_PAGE - (addr + len(out)) % _PAGE, limit - len(out))
-            try:
-                chunk = os.pread(self.mem, want, addr + len(out))
-            except OSError:
-                chunk = b""
+            chunk = self._read(addr + len(out), want)
             if not chunk:
                 raise KernelError(errno.EFAULT, f"{what} points to memory the task cannot read")
             nul = chunk.find(b"\0")
             if nul >= 0:
                 out += chunk[:nul]
+                self.check()
                 return out.decode("utf-8", errors="surrogateescape")
             out += chunk
         raise KernelError(errno.ENAMETOOLONG, f"{what} is longer than {limit} bytes")
 
+    def _read(self, addr: int, size: int) -> bytes:
+        try:
+            return sys_.process_vm_readv(self.pid, addr, size)
+        except KernelError as exc:
+            if exc.errno == errno.ESRCH:
+                raise KernelError(errno.ENOENT, "the call was abandoned (task died or was interrupted)") from None
+            return b""
+
     def read_bytes(self, addr: int, size: int, what: str = "argument") -> bytes:
         """Copy exactly `size` bytes (a struct argument) out of the task."""
-        try:
-            data = os.pread(self.mem, size, addr) if addr else b""
-        except OSError:
-            data = b""
+        data = self._read(addr, size) if addr else b""
         if len(data) != size:
             raise KernelError(errno.EFAULT, f"{what} points to memory the task cannot read")
+        self.check()
         return data
 
     def write_bytes(self, addr: int, data: bytes, what: str = "result") -> None:
-        """Store a struct result into the task's buffer, as the kernel's copy_to_user would."""
+        """Store a struct result into the task's buffer, as the kernel's copy_to_user would.
+
+        Through the pinned mem handle (bound to the task, never to a recycled tid; a pid-based
+        process_vm_writev would not be), and only into pages the task's maps show writable,
+        since mem writes with FOLL_FORCE where copy_to_user answers EFAULT.
+        """
+        written = 0
         try:
-            written = os.pwrite(self.mem, data, addr) if addr else 0
+            if addr and self._writable(addr, len(data)):
+                written = os.pwrite(self.mem, data, addr)
         except OSError:
             written = 0
         if written != len(data):
             raise KernelError(errno.EFAULT, f"{what} buffer is not writable in the task")
+
+    def _writable(self, addr: int, size: int) -> bool:
+        """Whether [addr, addr+size) lies in mappings the task may write, per /proc/<tid>/maps."""
+        end, at = addr + size, addr
+        for line in self._read_proc("maps", limit=None).splitlines():
+            span, perms = line.split(maxsplit=2)[:2]
+            lo, hi = (int(x, 16) for x in span.split("-"))
+            if lo <= at < hi:
+                if perms[1] != "w":
+                    return False
+                at = hi
+                if at >= end:
+                    return True
+        return False
 
     def take_fd(self, fd: int) -> int:
         """A duplicate of the task's fd (same open file); the caller closes it."""

@@ -32,7 +32,7 @@ from test_paths import build_tree, kernel_resolve
 from supervisor import mountopts
 from supervisor import syscalls as s
 from supervisor.errors import KernelError
-from supervisor.loop.abi import CONFIG, INFO64, INFO_OLD, LoopInfo, pack_old, unpack_old
+from supervisor.loop.abi import CONFIG, INFO64, NATIVE64, LoopInfo
 from supervisor.mounting import _context_log
 from supervisor.paths import resolve
 from supervisor.policy import PolicyError, load_policy
@@ -40,6 +40,7 @@ from supervisor.registry import SYSCALLS, arch_name, syscall_name
 from supervisor.seccomp import notify
 from supervisor.target import Target
 
+INFO_OLD, pack_old, unpack_old = NATIVE64.info_old, NATIVE64.pack_old, NATIVE64.unpack_old
 U64 = st.integers(0, 2**64 - 1)
 PAGE = mmap.PAGESIZE
 

@@ -32,8 +32,8 @@ from ..errors import KernelError
 from ..loop.abi import (
     BLKGETSIZE,
     BLKGETSIZE64,
+    BLKGETSIZE64_32,
     INFO64,
-    INFO_OLD,
     LO_FLAGS_AUTOCLEAR,
     LO_FLAGS_PARTSCAN,
     LO_FLAGS_READ_ONLY,
@@ -54,13 +54,11 @@ from ..loop.abi import (
     LOOP_SET_STATUS64,
     NAMES,
     LoopInfo,
-    pack_old,
-    unpack_old,
 )
 from ..loop.device import device_size, status64
 from ..loop.pool import BindRequest, LoopPool, Slot
 from ..policy import SourceOrigin
-from ..registry import Call
+from ..registry import Call, layouts
 from ..seccomp.notify import Response
 
 CONFIG_HEAD: Final = struct.Struct("<II")
@@ -219,10 +217,7 @@ def _get_status64(r: Request) -> Response:
 
 
 def _get_status(r: Request) -> Response:
-    info = _status(r)
-    if info.offset > _INT_MAX:
-        raise KernelError(errno.EOVERFLOW, "the offset does not fit the old loop_info")
-    r.call.target.write_bytes(r.arg, pack_old(info), "struct loop_info")
+    r.call.target.write_bytes(r.arg, layouts(r.call.notif).pack_old(_status(r)), "struct loop_info")
     return r.done()
 
 
@@ -248,9 +243,10 @@ def _set_status64(r: Request) -> Response:
 
 
 def _set_status(r: Request) -> Response:
-    raw = r.call.target.read_bytes(r.arg, INFO_OLD.size, "struct loop_info")
+    layout = layouts(r.call.notif)
+    raw = r.call.target.read_bytes(r.arg, layout.info_old.size, "struct loop_info")
     r.call.target.check()
-    return _apply_status(r, unpack_old(raw, _status(r).sizelimit))
+    return _apply_status(r, layout.unpack_old(raw, _status(r).sizelimit))
 
 
 # --- the rest ---------------------------------------------------------------------------------
@@ -293,18 +289,30 @@ def _passthrough(request: int) -> Op:
     return op
 
 
-def _size(request: int, fmt: str) -> Op:
-    """The bound device's size, for an fd still on the placeholder (see the module docstring)."""
+def _size(request: int) -> Op:
+    """The bound device's size, for an fd still on the placeholder (see the module docstring),
+    in the caller's ABI: BLKGETSIZE stores an unsigned long, and BLKGETSIZE64 has another
+    number for 32-bit callers. A number that is not this ABI's runs natively."""
 
     def op(r: Request) -> Response:
+        layout = layouts(r.call.notif)
+        if request not in (BLKGETSIZE, layout.size64_request):
+            r.call.audit.update(action="kernel-native")
+            return Response.continue_(r.call.notif.id)
         size = device_size(r.bound.host.fd)
-        r.call.target.write_bytes(r.arg, struct.pack(fmt, size if request == BLKGETSIZE64 else size // 512))
+        if request != BLKGETSIZE:
+            data = struct.pack("<Q", size)
+        elif size // 512 > (1 << layout.ulong.size * 8) - 1:
+            raise KernelError(errno.EFBIG, f"the device has more sectors than a {layout.name} unsigned long holds")
+        else:
+            data = layout.ulong.pack(size // 512)
+        r.call.target.write_bytes(r.arg, data)
         return r.done()
 
     return op
 
 
-SIZE_OPS: Final[dict[int, Op]] = {BLKGETSIZE: _size(BLKGETSIZE, "<Q"), BLKGETSIZE64: _size(BLKGETSIZE64, "<Q")}
+SIZE_OPS: Final[dict[int, Op]] = {req: _size(req) for req in (BLKGETSIZE, BLKGETSIZE64, BLKGETSIZE64_32)}
 CONTROL_OPS: Final[dict[int, Op]] = {LOOP_CTL_GET_FREE: _get_free, LOOP_CTL_ADD: _add, LOOP_CTL_REMOVE: _remove}
 DEVICE_OPS: Final[dict[int, Op]] = {
     LOOP_SET_FD: _set_fd,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import struct
+from dataclasses import dataclass
 from typing import Final, NamedTuple
 
 from ..errors import KernelError
@@ -25,6 +26,8 @@ LOOP_CTL_GET_FREE: Final = 0x4C82
 BLKGETSIZE: Final = 0x1260
 BLKSSZGET: Final = 0x1268
 BLKGETSIZE64: Final = 0x80081272
+# _IOR(0x12, 114, size_t) with a 4-byte size_t: what 32-bit callers send; the kernel still stores a u64
+BLKGETSIZE64_32: Final = 0x80041272
 
 LO_FLAGS_READ_ONLY: Final = 1
 LO_FLAGS_AUTOCLEAR: Final = 4
@@ -70,31 +73,52 @@ class LoopInfo(NamedTuple):
 
 # struct loop_config: fd, block_size, info, reserved[8]
 CONFIG: Final = struct.Struct(f"<II{INFO64.size}s8Q")
-# struct loop_info, the old ABI (x86-64/arm64 layout: long-sized dev_t fields): number,
-# device, inode, rdevice, offset, encrypt_type, encrypt_key_size, flags, name[64],
-# encrypt_key[32], init[2], reserved[4]. The ints are read unsigned, as the kernel stores them
-# in loop_info64's u32 fields; only lo_offset is read signed: the kernel sign-extends it.
-INFO_OLD: Final = struct.Struct("<I4xQQQiIII64s32s2Q4s4x")
 _U64: Final = 2**64 - 1
 
 
-def pack_old(info: LoopInfo) -> bytes:
-    """The old struct for LOOP_GET_STATUS; EOVERFLOW, as the kernel's, if the offset does not fit its int."""
-    offset = info.offset - 2**64 if info.offset >= 2**63 else info.offset
-    if not -(2**31) <= offset < 2**31:
-        raise KernelError(errno.EOVERFLOW, "the offset does not fit the old loop_info")
-    return INFO_OLD.pack(
-        info.number, info.device, info.inode, info.rdevice, offset, info.encrypt_type, info.encrypt_key_size,
-        info.flags, info.file_name, info.encrypt_key, info.init0, info.init1, b"",
-    )  # fmt: skip
+@dataclass(frozen=True)
+class Layouts:
+    """The structs whose layout depends on the caller's ABI: a 32-bit caller (i386, x32, arm)
+    gets the kernel's compat layouts, narrower than the 64-bit ones, so a 64-bit answer would
+    overrun its buffer. loop_info64 and loop_config are the same on every ABI.
+
+    `info_old` is struct loop_info: number, device, inode, rdevice, offset, encrypt_type,
+    encrypt_key_size, flags, name[64], encrypt_key[32], init[2], reserved[4]. Its ints are read
+    unsigned, as the kernel stores them in loop_info64's u32 fields; only lo_offset is signed:
+    the kernel sign-extends it.
+    """
+
+    name: str
+    info_old: struct.Struct
+    ulong: struct.Struct  # BLKGETSIZE's unsigned long
+    size64_request: int  # the number BLKGETSIZE64 has on this ABI
+
+    def pack_old(self, info: LoopInfo) -> bytes:
+        """The kernel answers EOVERFLOW when a field does not fit the old struct (loop_info64_to_old)."""
+        offset = info.offset - 2**64 if info.offset >= 2**63 else info.offset
+        try:
+            return self.info_old.pack(
+                info.number, info.device, info.inode, info.rdevice, offset, info.encrypt_type,
+                info.encrypt_key_size, info.flags, info.file_name, info.encrypt_key, info.init0, info.init1, b"",
+            )  # fmt: skip
+        except struct.error:
+            raise KernelError(errno.EOVERFLOW, f"the status does not fit a {self.name} struct loop_info") from None
+
+    def unpack_old(self, raw: bytes, sizelimit: int) -> LoopInfo:
+        """The old struct has no sizelimit: the caller passes the one that stays."""
+        number, device, inode, rdevice, offset, etype, ekeysize, flags, name, key, init0, init1, _ = (
+            self.info_old.unpack(raw)
+        )
+        return LoopInfo(
+            device, inode, rdevice, offset & _U64, sizelimit, number, etype, ekeysize, flags, name, b"", key,
+            init0, init1,
+        )  # fmt: skip
 
 
-def unpack_old(raw: bytes, sizelimit: int) -> LoopInfo:
-    """The old struct has no sizelimit: the caller passes the one that stays."""
-    number, device, inode, rdevice, offset, etype, ekeysize, flags, name, key, init0, init1, _ = INFO_OLD.unpack(raw)
-    return LoopInfo(
-        device, inode, rdevice, offset & _U64, sizelimit, number, etype, ekeysize, flags, name, b"", key, init0, init1
-    )
+# x86-64, aarch64: __kernel_old_dev_t and unsigned long are 8 bytes
+NATIVE64: Final = Layouts("64-bit", struct.Struct("<I4xQQQiIII64s32s2Q4s4x"), struct.Struct("<Q"), BLKGETSIZE64)
+# struct compat_loop_info: compat_dev_t is 16 bits, compat_ulong_t 32, 4-byte alignment
+COMPAT32: Final = Layouts("32-bit", struct.Struct("<IH2xIH2xiIII64s32s2I4s"), struct.Struct("<I"), BLKGETSIZE64_32)
 
 
 NAMES: Final = {value: name for name, value in dict(globals()).items() if name.startswith(("LOOP_", "BLK"))}

@@ -13,13 +13,24 @@ around it):
   and the two block size queries, compared under a 32-bit mask: the kernel reads only the
   low 32 bits of the request, so an exact 64-bit comparison could be bypassed with junk in
   the high half.
-* ``fsopen``, ``fsconfig``, ``fsmount``, ``fspick`` and ``mount_setattr`` fail with ENOSYS, as on a
-  kernel before 5.2/5.12: libmount and systemd then fall back to ``mount(2)``, which is
-  intercepted. ``mount_setattr`` is refused rather than served because it can clear
-  ``nosuid,nodev`` on a supervisor-made mount. ``open_tree`` and ``move_mount`` stay allowed:
-  they only clone and attach existing mounts, which keeps their flags, and blocking them
-  breaks tools that use them for plain bind mounts.
+* ``fsopen``, ``fsconfig``, ``fsmount``, ``fspick``, ``mount_setattr`` and ``open_tree_attr``
+  fail with ENOSYS, as on a kernel before 5.2/5.12/6.15: libmount and systemd then fall back
+  to ``mount(2)``, which is intercepted. ``mount_setattr`` and ``open_tree_attr`` are refused
+  rather than served because both can clear ``nosuid,nodev`` on a supervisor-made mount (the
+  latter on the clone it makes). ``open_tree`` and ``move_mount`` stay allowed: they only
+  clone and attach existing mounts, which keeps their flags, and blocking them breaks tools
+  that use them for plain bind mounts. ``statmount``/``listmount`` only read, and
+  ``pivot_root`` acts in the caller's own namespace with the kernel's checks: native.
+* Default deny for what the filter was not written for: every number above the last one of
+  the syscall tables it knows (Linux 6.18: ``file_setattr``, 469; x32 and arm also have their
+  private ranges) answers ENOSYS, as systemd's and the OCI runtimes' default profiles do, so a
+  mount call added by a later kernel cannot pass unseen.
 * Everything else is allowed by the kernel and never reaches Python.
+
+libseccomp 2.5.4 knows neither ``open_tree_attr`` nor the newest table ends, so the refusals
+and the range checks are a short hand-written BPF gate put in front of libseccomp's program
+(which keeps the argument-matching rules above): per ABI, refused numbers and numbers outside
+the known ranges return ENOSYS; everything else jumps to libseccomp's first instruction.
 """
 
 from __future__ import annotations
@@ -28,17 +39,25 @@ import ctypes
 import errno
 import os
 import platform
+import struct
+from dataclasses import dataclass
 from typing import Final
 
 import pyseccomp as sc
 
 from .. import syscalls as sys_
+from ..registry import AUDIT_ARCH_AARCH64, AUDIT_ARCH_ARM, AUDIT_ARCH_I386, AUDIT_ARCH_X86_64, X32_SYSCALL_BIT
 
 LOOP_IOCTL_MASKS: Final = ((0xFFFFFFF0, 0x4C00), (0xFFFFFFFC, 0x4C80))
 # Size queries a tool makes on the fd it just bound (util-linux checks the size after
 # LOOP_CONFIGURE): BLKGETSIZE and BLKGETSIZE64. See supervisor/handlers/loop_ioctl.py.
-BLOCK_SIZE_IOCTLS: Final = (0x1260, 0x80081272)
-NEW_MOUNT_API_SYSCALLS: Final = ("fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr")
+# BLKGETSIZE64 is 0x80041272 for 32-bit callers (its number encodes sizeof(size_t)).
+BLOCK_SIZE_IOCTLS: Final = (0x1260, 0x80081272, 0x80041272)
+# fsopen, fsconfig, fsmount, fspick, mount_setattr, open_tree_attr: the same numbers on every
+# ABI since the tables were unified at 424 (x32 adds its bit).
+REFUSED_SYSCALLS: Final = {"fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433, "mount_setattr": 442,
+                           "open_tree_attr": 467}  # fmt: skip
+LAST_KNOWN_NR: Final = 469  # file_setattr, the end of Linux 6.18's tables
 # A mount(2) with none of these creates a superblock.
 _NO_NEW_SB: Final = (
     sys_.MS_REMOUNT
@@ -49,6 +68,36 @@ _NO_NEW_SB: Final = (
     | sys_.MS_SLAVE
     | sys_.MS_UNBINDABLE
 )
+
+
+@dataclass(frozen=True)
+class AbiTable:
+    """One ABI's syscall numbers as the gate sees them: the ranges it knows, and the bit it adds."""
+
+    name: str
+    arch: int
+    ranges: tuple[tuple[int, int], ...]  # inclusive
+    bit: int = 0  # x32's numbers carry X32_SYSCALL_BIT; the gate tells x32 from x86-64 by it
+
+    def refused(self) -> tuple[int, ...]:
+        return tuple(self.bit | nr for nr in REFUSED_SYSCALLS.values())
+
+
+_BASE: Final = ((0, LAST_KNOWN_NR),)
+_X32: Final = (
+    (X32_SYSCALL_BIT, X32_SYSCALL_BIT | LAST_KNOWN_NR),
+    (X32_SYSCALL_BIT | 512, X32_SYSCALL_BIT | 547),
+)  # 512..547: x32's own
+_ARM: Final = (*_BASE, (0x0F0001, 0x0F0006))  # arm's private calls: breakpoint, cacheflush, ..., set_tls
+ABI_TABLES: Final = {
+    "x86_64": (
+        AbiTable("x32", AUDIT_ARCH_X86_64, _X32, X32_SYSCALL_BIT),
+        AbiTable("x86_64", AUDIT_ARCH_X86_64, _BASE),
+        AbiTable("i386", AUDIT_ARCH_I386, _BASE),
+    ),
+    "aarch64": (AbiTable("aarch64", AUDIT_ARCH_AARCH64, _BASE), AbiTable("arm", AUDIT_ARCH_ARM, _ARM)),
+}.get(platform.machine(), ())
+
 # The other ABIs a task on this machine can enter the kernel through.
 FOREIGN_ARCHES: Final = {"x86_64": (sc.Arch.X86, sc.Arch.X32), "aarch64": (sc.Arch.ARM,)}.get(platform.machine(), ())
 
@@ -70,9 +119,86 @@ def build() -> sc.SyscallFilter:
         f.add_rule(sc.NOTIFY, "ioctl", sc.Arg(1, sc.MASKED_EQ, mask, value))
     for request in BLOCK_SIZE_IOCTLS:
         f.add_rule(sc.NOTIFY, "ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFFFFFF, request))
-    for name in NEW_MOUNT_API_SYSCALLS:
-        f.add_rule(sc.ERRNO(errno.ENOSYS), name)
     return f
+
+
+# Classic BPF (linux/filter.h, linux/seccomp.h)
+_INSN: Final = struct.Struct("<HBBI")
+_LD_W_ABS: Final = 0x20
+_JEQ_K: Final = 0x15
+_JGT_K: Final = 0x25
+_JGE_K: Final = 0x35
+_JA: Final = 0x05
+_RET_K: Final = 0x06
+_OFF_NR: Final = 0
+_OFF_ARCH: Final = 4
+SECCOMP_RET_ERRNO: Final = 0x00050000
+_ENOSYS: Final = "enosys"
+_BODY: Final = "body"
+
+
+def _assemble(code: list[tuple[int, str | int, str | int, int] | str]) -> list[bytes]:
+    """Resolve labels (strings in the list mark positions; jump targets name them) to offsets."""
+    where: dict[str, int] = {}
+    insns: list[tuple[int, str | int, str | int, int]] = []
+    for item in code:
+        if isinstance(item, str):
+            where[item] = len(insns)
+        else:
+            insns.append(item)
+    where.setdefault(_BODY, len(insns))
+
+    def rel(target: str | int, i: int) -> int:
+        return target if isinstance(target, int) else where[target] - i - 1
+
+    out = []
+    for i, (op, jt, jf, k) in enumerate(insns):
+        if op == _JA:
+            out.append(_INSN.pack(op, 0, 0, rel(jt, i)))
+        else:
+            out.append(_INSN.pack(op, rel(jt, i), rel(jf, i), k))
+    return out
+
+
+def gate(tables: tuple[AbiTable, ...] = ABI_TABLES) -> bytes:
+    """The BPF prologue: ENOSYS for refused and unknown numbers per ABI, else on to `_BODY`.
+
+    The body (libseccomp's program) is appended right after it; an arch the gate does not
+    know goes there too, and libseccomp's own bad-arch action decides.
+    """
+    code: list[tuple[int, str | int, str | int, int] | str] = [(_LD_W_ABS, 0, 0, _OFF_ARCH)]
+    for arch in dict.fromkeys(t.arch for t in tables):
+        code.append((_JEQ_K, f"arch{arch}", 0, arch))
+    code += [(_JA, _BODY, 0, 0)]
+    for arch in dict.fromkeys(t.arch for t in tables):
+        abis = [t for t in tables if t.arch == arch]
+        # -1 is how a tracer skips a call (and sets its result): leave its result alone
+        code += [f"arch{arch}", (_LD_W_ABS, 0, 0, _OFF_NR), (_JEQ_K, _BODY, 0, 0xFFFFFFFF)]
+        if len(abis) == 2:  # x32 and x86-64: x32's numbers are the ones with its bit
+            marked, plain = abis
+            code.append((_JGE_K, f"abi{marked.name}", f"abi{plain.name}", marked.bit))
+        for t in abis:
+            code.append(f"abi{t.name}")
+            code += [(_JEQ_K, _ENOSYS, 0, nr) for nr in t.refused()]
+            for n, (lo, hi) in enumerate(t.ranges):
+                nxt = f"{t.name}-range{n + 1}" if n + 1 < len(t.ranges) else _ENOSYS
+                code += [(_JGE_K, 0, nxt, lo), (_JGT_K, nxt, _BODY, hi), f"{t.name}-range{n + 1}"]
+    code += [_ENOSYS, (_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.ENOSYS)]
+    return b"".join(_assemble(code))
+
+
+def program() -> bytes:
+    """The whole filter as loaded: the gate, then libseccomp's program."""
+    read_end, write_end = os.pipe()
+    try:
+        with os.fdopen(write_end, "wb", closefd=True) as w:
+            build().export_bpf(w)
+        body = b""
+        while chunk := os.read(read_end, 65536):
+            body += chunk
+    finally:
+        os.close(read_end)
+    return gate() + body
 
 
 class _SockFprog(ctypes.Structure):
@@ -88,16 +214,8 @@ def install() -> int:
     twice. The caller needs CAP_SYS_ADMIN in its user namespace (container root has it), so
     no_new_privs is not set and setuid programs keep working inside.
     """
-    read_end, write_end = os.pipe()
-    try:
-        with os.fdopen(write_end, "wb", closefd=True) as w:
-            build().export_bpf(w)
-        program = b""
-        while chunk := os.read(read_end, 65536):
-            program += chunk
-    finally:
-        os.close(read_end)
-    buf = ctypes.create_string_buffer(program, len(program))
-    prog = _SockFprog(len(program) // 8, ctypes.addressof(buf))
+    code = program()
+    buf = ctypes.create_string_buffer(code, len(code))
+    prog = _SockFprog(len(code) // 8, ctypes.addressof(buf))
     flags = SECCOMP_FILTER_FLAG_NEW_LISTENER | SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
     return sys_.seccomp(SECCOMP_SET_MODE_FILTER, flags, ctypes.c_void_p(ctypes.addressof(prog)))

@@ -13,6 +13,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <sched.h>
 #include <fcntl.h>
 #include <grp.h>
 #include <stdint.h>
@@ -427,6 +428,149 @@ static int cmd_loopstatus(int argc, char **argv)
 	return report(ioctl(fd, LOOP_SET_STATUS64, &info));
 }
 
+/* --- filter, memory and capability probes (issue 9: filter part) ------------------------------ */
+
+/* Up to five raw syscall arguments: a number (strtoll base 0) or "s:TEXT", a pointer to a copy
+ * of TEXT in .bss (below 4 GiB in this static non-PIE binary, so it also fits i386 registers). */
+static char raw_pool[8192];
+static size_t raw_used;
+
+static unsigned long raw_arg(const char *text)
+{
+	if (strncmp(text, "s:", 2) == 0) {
+		size_t len = strlen(text + 2) + 1;
+		if (raw_used + len > sizeof(raw_pool))
+			usage_error("raw string arguments too long: '%s'", text);
+		char *copy = memcpy(raw_pool + raw_used, text + 2, len);
+		raw_used += len;
+		return (unsigned long)copy;
+	}
+	char *end;
+	errno = 0;
+	long long value = strtoll(text, &end, 0);
+	if (errno || *end)
+		usage_error("bad raw argument '%s'", text);
+	return (unsigned long)value;
+}
+
+static void raw_args(int argc, char **argv, unsigned long a[5])
+{
+	if (argc > 6)
+		usage_error("%s: at most five arguments", "raw");
+	for (int i = 0; i < 5; i++)
+		a[i] = i + 1 < argc ? raw_arg(argv[i + 1]) : 0;
+}
+
+/* syscall(NR, ARGS...) on the native ABI; "rawx32" sets x32's bit 30 on the number. */
+static int raw_call(int argc, char **argv, unsigned long bit)
+{
+	unsigned long a[5];
+
+	raw_args(argc, argv, a);
+	return report_value(syscall((long)(raw_arg(argv[0]) | bit), a[0], a[1], a[2], a[3], a[4]));
+}
+
+static int cmd_raw(int argc, char **argv)
+{
+	return raw_call(argc, argv, 0);
+}
+
+static int cmd_rawx32(int argc, char **argv)
+{
+	return raw_call(argc, argv, 0x40000000UL);
+}
+
+#ifdef __x86_64__
+static int cmd_raw32(int argc, char **argv)
+{
+	unsigned long a[5];
+	long rc;
+
+	raw_args(argc, argv, a);
+	__asm__ volatile("int $0x80"
+			 : "=a"(rc)
+			 : "0"((long)raw_arg(argv[0])), "b"(a[0]), "c"(a[1]), "d"(a[2]), "S"(a[3]), "D"(a[4])
+			 : "memory", "r8", "r9", "r10", "r11", "cc");
+	if ((int)rc < 0)
+		return fail(-(int)rc);
+	printf("OK %d\n", (int)rc);
+	return 0;
+}
+#else
+static int cmd_raw32(int argc, char **argv)
+{
+	(void)argc;
+	(void)argv;
+	return fail(ENOSYS);
+}
+#endif
+
+/* One page with protection PROT (none|ro|rw), for pointers the kernel must refuse with EFAULT. */
+static void *page_with(const char *prot)
+{
+	size_t page = (size_t)sysconf(_SC_PAGESIZE);
+	int p = strcmp(prot, "none") == 0 ? PROT_NONE : strcmp(prot, "ro") == 0 ? PROT_READ : -1;
+	if (strcmp(prot, "rw") == 0)
+		p = PROT_READ | PROT_WRITE;
+	if (p < 0)
+		usage_error("page protection must be none, ro or rw, not '%s'", prot);
+	char *buf = mmap(NULL, page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (buf == MAP_FAILED)
+		exit(fail(errno));
+	strcpy(buf, "/mnt"); /* a valid string, were the page readable */
+	if (mprotect(buf, page, p) < 0)
+		exit(fail(errno));
+	return buf;
+}
+
+/* mount(SRC, <a string on a page of PROT>, FSTYPE, ro) */
+static int cmd_mount_page(int argc, char **argv)
+{
+	(void)argc;
+	return report(mount(argv[0], page_with(argv[1]), argv[2], MS_RDONLY, NULL));
+}
+
+/* ioctl(open(PATH), REQUEST, <a page of PROT>): a result written there must be EFAULT unless rw. */
+static int cmd_ioctl_page(int argc, char **argv)
+{
+	(void)argc;
+	int fd = open(argv[0], O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return fail(errno);
+	long rc = ioctl(fd, (unsigned long)raw_arg(argv[1]), page_with(argv[2]));
+	int err = errno;
+	close(fd);
+	errno = err;
+	return report_value(rc);
+}
+
+/* open_tree_attr(2) of TGT, cloned with nosuid,nodev cleared, then moved back over TGT: the
+ * attack on forced flags that the filter must refuse (Linux 6.15+, nr 467 everywhere). */
+static int cmd_open_tree_attr_clear(int argc, char **argv)
+{
+	struct mc_mount_attr attr = {.attr_clr = MC_ATTR_NOSUID | MC_ATTR_NODEV};
+
+	(void)argc;
+	long fd = syscall(467, AT_FDCWD, argv[0], 1 /* OPEN_TREE_CLONE */, &attr, sizeof(attr));
+	if (fd < 0)
+		return fail(errno);
+	long rc = syscall(429, (int)fd, "", AT_FDCWD, argv[0], 4 /* MOVE_MOUNT_F_EMPTY_PATH */);
+	close((int)fd);
+	return report(rc);
+}
+
+/* A new user namespace (and with "mnt" a mount namespace owned by it), then the next command. */
+static int cmd_userns(int argc, char **argv)
+{
+	int flags = CLONE_NEWUSER;
+
+	if (argc > 0 && strcmp(argv[0], "mnt") == 0)
+		flags |= CLONE_NEWNS;
+	else if (argc > 0)
+		usage_error("userns takes nothing or 'mnt', not '%s'", argv[0]);
+	return report(unshare(flags));
+}
+
 struct command {
 	const char *name;
 	int min_args;
@@ -500,6 +644,13 @@ static const struct command commands[] = {
 	{"loopchangefd", 2, 2, cmd_loopchangefd, "loopchangefd DEV FILE"},
 	{"loopstatus", 3, 3, cmd_loopstatus, "loopstatus DEV OFFSET SIZELIMIT"},
 	{"repeat", 2, -1, cmd_repeat, "repeat N CMD ARGS..."},
+	{"raw", 1, 6, cmd_raw, "raw NR [ARG...]  (ARG: number or s:TEXT)"},
+	{"raw32", 1, 6, cmd_raw32, "raw32 NR [ARG...]  (i386 int $0x80)"},
+	{"rawx32", 1, 6, cmd_rawx32, "rawx32 NR [ARG...]  (x32 bit set)"},
+	{"mount-page", 3, 3, cmd_mount_page, "mount-page SRC none|ro|rw FSTYPE"},
+	{"ioctl-page", 3, 3, cmd_ioctl_page, "ioctl-page PATH REQUEST none|ro|rw"},
+	{"userns", 0, 1, cmd_userns, "userns [mnt]"},
+	{"open-tree-attr-clear", 1, 1, cmd_open_tree_attr_clear, "open-tree-attr-clear TGT"},
 };
 #define N_COMMANDS (sizeof(commands) / sizeof(commands[0]))
 
