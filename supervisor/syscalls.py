@@ -260,3 +260,22 @@ def read_signal(fd: int) -> tuple[int, int] | None:
     except BlockingIOError:
         return None
     return int.from_bytes(data[0:4], "little"), int.from_bytes(data[8:12], "little", signed=True)
+
+
+NR_OPENAT2: Final = 437
+RESOLVE_NO_XDEV: Final = 0x01
+RESOLVE_NO_SYMLINKS: Final = 0x04
+RESOLVE_BENEATH: Final = 0x08
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def openat2(dirfd: int, path: str, flags: int, resolve: int) -> int:
+    """openat2(2): `path` under `dirfd`, walked as `resolve` says (no symlinks, no mount crossings)."""
+    how = _OpenHow(flags | os.O_CLOEXEC, 0, resolve)
+    return _syscall(
+        NR_OPENAT2, dirfd, _enc(path), ctypes.c_void_p(ctypes.addressof(how)), ctypes.sizeof(how),
+        what="openat2", path=path,
+    )  # fmt: skip
