@@ -219,7 +219,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             env=env,
             net_host=args.net == "host",
             stdio=console.stdio,
-            controlling_tty=console.controlling_tty,
+            pty=console.pty,
         )
         try:
             return _supervise(spec, args.policy, policy, args.learn, console)
@@ -255,7 +255,8 @@ def _supervise(spec: Spec, policy_paths: list[str], policy: Policy, learn: str |
         print(f"mountwarden run: {exc}", file=sys.stderr)
         os.close(sigfd)
         return 126
-    console.started()
+    master, container.pty_master = container.pty_master, -1
+    console.started(master)
     session = Session(spec.name, container.listener, container.init_pid, policy, log)
     session.learned = [] if learn else None
     session.info = ContainerInfo(name=spec.name, host_uid=spec.uids.start)

@@ -36,7 +36,7 @@ class Console:
     """Which stdio the container gets, and the relay that connects it to the operator's."""
 
     stdio: tuple[int, int, int] | None = None
-    controlling_tty: bool = False
+    pty: bool = False
     term: str | None = None  # the operator's TERM, for an interactive container
     _pairs: list[tuple[int, int]] = field(default_factory=list)  # (from, to) the relay copies
     _container_ends: list[int] = field(default_factory=list)
@@ -48,12 +48,7 @@ class Console:
         """Decide the container's stdio. `merge_stderr`: its stderr goes where its stdout goes
         (the supervisor's stderr then carries only the supervisor's own lines, audit records)."""
         if os.isatty(0):
-            master, slave = os.openpty()
-            os.set_blocking(master, False)
-            fcntl.ioctl(slave, termios.TIOCSWINSZ, fcntl.ioctl(0, termios.TIOCGWINSZ, bytes(_WINSIZE)))
-            return cls(
-                (slave, slave, slave), True, os.environ.get("TERM", "xterm"), [(0, master), (master, 1)], [slave]
-            )
+            return cls(pty=True, term=os.environ.get("TERM", "xterm"))
         ends: list[int] = [0, 1, 1 if merge_stderr else 2]
         console = cls()
         for target in (1, 2):
@@ -66,21 +61,26 @@ class Console:
             console.stdio = (ends[0], ends[1], ends[2])
         return console
 
-    def started(self) -> None:
-        """The container holds its ends now: drop ours, go raw, and start relaying."""
+    def started(self, master: int) -> None:
+        """The container holds its ends now: drop ours, go raw, and start relaying.
+
+        `master` is the master of the container's pty (interactive only); this closes it.
+        """
         for fd in self._container_ends:
             os.close(fd)
         self._container_ends.clear()
-        if not self._pairs:
-            return
-        if self.controlling_tty:
+        if master >= 0:
+            os.set_blocking(master, False)
+            _copy_size(master)
+            self._pairs = [(0, master), (master, 1)]
             self._saved = termios.tcgetattr(0)
             tty.setraw(0)
-        keep = {fd for pair in self._pairs for fd in pair}
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the relay process
-            _relay(self._pairs, keep, os.getppid(), resize=self.controlling_tty)
-        self._relay = pid
+        if self._pairs:
+            keep = {fd for pair in self._pairs for fd in pair}
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the relay process
+                _relay(self._pairs, keep, os.getppid(), master)
+            self._relay = pid
         for src, _ in self._pairs:
             if src > 2:
                 os.close(src)
@@ -98,7 +98,12 @@ class Console:
             self._saved = None
 
 
-def _relay(pairs: list[tuple[int, int]], keep: set[int], parent: int, resize: bool) -> None:  # pragma: no cover
+def _copy_size(master: int) -> None:
+    with contextlib.suppress(OSError):
+        fcntl.ioctl(master, termios.TIOCSWINSZ, fcntl.ioctl(0, termios.TIOCGWINSZ, bytes(_WINSIZE)))
+
+
+def _relay(pairs: list[tuple[int, int]], keep: set[int], parent: int, master: int) -> None:  # pragma: no cover
     """Copy each pair's bytes until every output source is at its end, then exit."""
     import prctl  # type: ignore[import-untyped]
 
@@ -106,18 +111,13 @@ def _relay(pairs: list[tuple[int, int]], keep: set[int], parent: int, resize: bo
     if os.getppid() != parent:
         os._exit(0)
     prctl.set_name("mw-relay")
-    for fd in range(3, os.sysconf("SC_OPEN_MAX")):
-        if fd not in keep:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-    if resize:
-        master = pairs[1][0]
-
-        def copy_size(*_: object) -> None:
-            with contextlib.suppress(OSError):
-                fcntl.ioctl(master, termios.TIOCSWINSZ, fcntl.ioctl(0, termios.TIOCGWINSZ, bytes(_WINSIZE)))
-
-        signal.signal(signal.SIGWINCH, copy_size)
+    low = 3
+    for fd in sorted(fd for fd in keep if fd >= low):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+    if master >= 0:
+        signal.signal(signal.SIGWINCH, lambda *_: _copy_size(master))
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGWINCH})
     outputs = {src for src, dst in pairs if dst in (1, 2)}
     live = dict(pairs)

@@ -29,6 +29,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import sys
 import termios
 from dataclasses import dataclass, field
@@ -53,6 +54,8 @@ BLOCK_VIEWS: Final = ("block", "class/block", "dev/block", "devices/virtual/bloc
 _ROOTFS_RESOLVE: Final = s.RESOLVE_BENEATH | s.RESOLVE_NO_SYMLINKS | s.RESOLVE_NO_XDEV
 _HOST_RESOLVE: Final = s.RESOLVE_BENEATH | s.RESOLVE_NO_SYMLINKS
 _PROC_FLAGS: Final = s.MS_NOSUID | s.MS_NODEV | s.MS_NOEXEC
+_TIOCGPTPEER: Final = 0x5441  # Linux 4.13; neither is in Python's termios module
+_TIOCSPTLCK: Final = 0x40045431
 
 
 class ContainerError(Exception):
@@ -64,8 +67,9 @@ class Spec:
     """What to start.
 
     `env` is the command's whole environment. `stdio`, when given, are the supervisor's fds the
-    container gets as 0, 1 and 2 (a pty's terminal end, or pipes the supervisor relays);
-    `controlling_tty` makes fd 0 the controlling terminal of the container's own session.
+    container gets as 0, 1 and 2 (pipes the supervisor relays, say). With `pty`, the init opens
+    a pty in the container's own devpts instead, as its stdio and controlling terminal, and
+    sends the master to the supervisor to relay.
     """
 
     argv: list[str]
@@ -76,7 +80,7 @@ class Spec:
     env: dict[str, str] = field(default_factory=dict)
     net_host: bool = False
     stdio: tuple[int, int, int] | None = None
-    controlling_tty: bool = False
+    pty: bool = False
 
 
 @dataclass
@@ -88,6 +92,7 @@ class Container:
     pidfd: int
     init_pid: int = -1
     listener: int = -1
+    pty_master: int = -1
     cgroups: list[cgroup.DeviceCgroup] = field(default_factory=list)
     exit_code: int | None = None
     sock: socket.socket | None = None
@@ -110,10 +115,12 @@ class Container:
             _write_maps(holder, spec)
             _send(sup, {"step": "mapped"})
             self.init_pid = int(_expect(sup, "init")["pid"])
-            msg, fds, _, _ = socket.recv_fds(sup, 4096, 1)
+            msg, fds, _, _ = socket.recv_fds(sup, 4096, 2)
             if not fds:
                 raise ContainerError(_reason(msg))
             self.listener = fds[0]
+            if len(fds) > 1:
+                self.pty_master = fds[1]
         except BaseException:
             self.kill()
             self.wait()
@@ -153,6 +160,9 @@ class Container:
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
+        if self.pty_master >= 0:
+            os.close(self.pty_master)
+            self.pty_master = -1
         while self.cgroups:
             self.cgroups.pop().remove()
 
@@ -217,9 +227,10 @@ def _waiter(spec: Spec, sock: socket.socket, supervisor: int) -> NoReturn:  # pr
             signal.signal(sig, signal.SIG_IGN)  # the init handles them; a terminal's ^C must not kill us
         _die_with_parent(supervisor)
         name_process("waiter", spec.name)
-        if spec.stdio:  # from here on no process of the container holds the operator's stdio
-            for target, fd in enumerate(spec.stdio):
-                os.dup2(fd, target)
+        # From here on no process of the container holds the operator's stdio.
+        stdio = spec.stdio or ((os.open(os.devnull, os.O_RDWR),) * 3 if spec.pty else None)
+        for target, fd in enumerate(stdio or ()):
+            os.dup2(fd, target)
         proc = _stage(spec)
         to_r, to_w = os.pipe()
         from_r, from_w = os.pipe()
@@ -311,8 +322,6 @@ def _init(spec: Spec, sock: socket.socket, token: int) -> NoReturn:  # pragma: n
         name_process("init", spec.name)
         s.unshare(s.CLONE_NEWNS)  # a copy of the staged tree, every mount locked
         os.setsid()  # no controlling terminal: /dev/tty answers ENXIO
-        if spec.controlling_tty:
-            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
         socket.sethostname(spec.name)
         if not spec.net_host:
             _loopback_up()
@@ -325,11 +334,14 @@ def _init(spec: Spec, sock: socket.socket, token: int) -> NoReturn:  # pragma: n
             s.pivot_root(".", ".")
             s.umount2(".", s.MNT_DETACH)
             os.chdir("/")
+        master = _own_pty() if spec.pty else -1
         handled = {*FORWARDED, signal.SIGCHLD}
         signal.pthread_sigmask(signal.SIG_BLOCK, handled)
         listener = seccomp_filter.install()
-        socket.send_fds(sock, [b"listener"], [listener])
+        socket.send_fds(sock, [b"listener"], [listener] + ([master] if master >= 0 else []))
         os.close(listener)
+        if master >= 0:
+            os.close(master)
         _expect(sock, "go")
         sock.close()
         os.closerange(3, os.sysconf("SC_OPEN_MAX"))
@@ -362,6 +374,21 @@ def _init(spec: Spec, sock: socket.socket, token: int) -> NoReturn:  # pragma: n
         elif info.si_code != s.SI_KERNEL:  # a terminal's signal already reached the command
             with contextlib.suppress(ProcessLookupError):
                 os.kill(command, info.si_signo)
+
+
+def _own_pty() -> int:  # pragma: no cover - runs in the init
+    """Open a pty in the container's devpts as stdio and controlling terminal; return its master.
+
+    A pty of the container's own devpts instance, so `tty` and its /dev/pts agree inside.
+    """
+    master = os.open("/dev/pts/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    fcntl.ioctl(master, _TIOCSPTLCK, struct.pack("i", 0))
+    slave = fcntl.ioctl(master, _TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)
+    for target in (0, 1, 2):
+        os.dup2(slave, target)
+    os.close(slave)
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    return master
 
 
 def _loopback_up() -> None:  # pragma: no cover - runs in the init
