@@ -121,7 +121,7 @@ def test_exit_status_survives_the_terminal_relay(tmp_path: Path) -> None:
         interactive=True,
     )
     assert code == 7
-    assert shown.splitlines()[:2] == ["/dev/pts/0\r", "33 101\r"]  # its own devpts; the operator's window size
+    assert shown.splitlines()[:2] == ["/dev/pts/0", "33 101"]  # its own devpts; the operator's window size
 
 
 def test_environment_is_clean_and_only_what_env_passes(tmp_path: Path) -> None:
