@@ -263,10 +263,10 @@ def _supervise(spec: Spec, policy_paths: list[str], policy: Policy, learn: str |
 
     def on_signal() -> None:
         while (sig := s.read_signal(sigfd)) is not None:
-            signo, code = sig
+            signo, _ = sig
             if signo == signal.SIGHUP:
                 _reload(session, policy_paths)
-            elif code != s.SI_KERNEL:  # a terminal's signal reached the container's processes already
+            else:  # also a terminal's ^C: the container has a session of its own, so only we got it
                 container.signal(signo)
 
     try:

@@ -209,3 +209,22 @@ def test_audit_records_never_share_the_containers_streams(tmp_path: Path) -> Non
     assert "forged" in to_stderr.stdout  # the container's stderr went where its stdout goes
     records = [json.loads(line) for line in to_stderr.stderr.splitlines()]
     assert records and not any(r.get("forged") for r in records)
+
+
+def test_operators_ctrl_c_still_stops_a_batch_container(tmp_path: Path) -> None:
+    """The container is in a session of its own, so the terminal's SIGINT reaches only `run`."""
+    master, slave = os.openpty()
+    cmd = mountwarden("run", "--audit-log", str(tmp_path / "a.log"), "--", "/bin/sh", "-c", "echo READY; exec sleep 30")
+    try:
+        with subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, cwd=REPO,
+            start_new_session=True, preexec_fn=lambda: fcntl.ioctl(1, termios.TIOCSCTTY, 0),
+        ) as proc:  # fmt: skip
+            shown = b""
+            while b"READY" not in shown:
+                shown += os.read(master, 4096)
+            os.write(master, termios.tcgetattr(slave)[6][termios.VINTR])
+            assert proc.wait(timeout=20) == 130
+    finally:
+        os.close(master)
+        os.close(slave)
