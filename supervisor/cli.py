@@ -7,19 +7,26 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import signal
 import sys
-from collections.abc import Iterator, Sequence
-from typing import Any, TextIO
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Final, TextIO
 
 from . import audit, cgroup, fuse, idmap, mountopts
 from . import syscalls as s
-from .container import FORWARDED, Container, ContainerError, Spec
+from .console import Console
+from .container import FORWARDED, Container, ContainerError, Spec, name_process
 from .policy import ContainerInfo, MountRequest, Policy, PolicyError, learn, load_policy
 from .probe import probe_fd
 from .seccomp import notify
 from .server import run_until_exit
 from .session import Session
+
+AUDIT_DIR: Final = "/run/mountwarden/audit"
+CONTAINER_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_ENV_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -40,7 +47,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--rootfs", metavar="DIR", help="pivot the container into DIR")
     run.add_argument("--name", default=None, help="container name (hostname, audit records)")
-    run.add_argument("--audit-log", metavar="FILE", help="append audit records here instead of stderr")
+    run.add_argument(
+        "--audit-log",
+        metavar="FILE",
+        help=f"append audit records to FILE (default: {AUDIT_DIR}/NAME.log); '-' for stderr, and then the "
+        "container's stderr goes where its stdout goes, so it cannot forge audit lines",
+    )
+    run.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME[=VALUE]",
+        help="pass NAME (from this environment, or set to VALUE) to the command; nothing else is passed "
+        "but PATH, HOME, TERM (interactive only) and container=mountwarden",
+    )
+    run.add_argument(
+        "--net",
+        choices=("none", "host"),
+        default="none",
+        help="none (default): a network namespace of its own with only loopback, up; host: share the host's",
+    )
     run.add_argument(
         "--learn",
         metavar="FILE",
@@ -168,21 +194,57 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"mountwarden run: --rootfs {args.rootfs}: not a directory", file=sys.stderr)
         return 2
     name = args.name or f"mw-{os.getpid()}"
-    with _audit_stream(args.audit_log) as stream:
+    if not _NAME.fullmatch(name):
+        print(f"mountwarden run: --name {name!r}: use up to 63 letters, digits, '.', '_' or '-'", file=sys.stderr)
+        return 2
+    try:
+        env = container_env(args.env, os.environ)
+    except ValueError as exc:
+        print(f"mountwarden run: {exc}", file=sys.stderr)
+        return 2
+    name_process("supervisor", name)
+    with _audit_stream(args.audit_log, name) as stream:
         audit.configure(stream, logging.DEBUG if args.verbose else logging.INFO)
         notify.check_sizes()
         cgroup.collect_stale()
+        console = Console.open(merge_stderr=args.audit_log == "-")
+        if console.term:
+            env["TERM"] = console.term
         spec = Spec(
             command,
             name,
             idmap.reserve("/etc/subuid"),
             idmap.reserve("/etc/subgid"),
             os.path.abspath(args.rootfs) if args.rootfs else None,
+            env=env,
+            net_host=args.net == "host",
+            stdio=console.stdio,
+            pty=console.pty,
         )
-        return _supervise(spec, args.policy, policy, args.learn)
+        try:
+            return _supervise(spec, args.policy, policy, args.learn, console)
+        finally:
+            console.finish()
 
 
-def _supervise(spec: Spec, policy_paths: list[str], policy: Policy, learn: str | None) -> int:
+def container_env(passed: Sequence[str], environ: Mapping[str, str]) -> dict[str, str]:
+    """The command's whole environment: a fixed base and only what `--env` names.
+
+    The supervisor's own environment (a CI runner's tokens, say) never reaches the container.
+    """
+    env = {"PATH": CONTAINER_PATH, "HOME": "/root", "container": "mountwarden"}
+    for item in passed:
+        name, sep, value = item.partition("=")
+        if not _ENV_NAME.fullmatch(name):
+            raise ValueError(f"--env {item!r}: give NAME or NAME=VALUE, NAME of letters, digits and '_'")
+        if sep:
+            env[name] = value
+        elif name in environ:
+            env[name] = environ[name]
+    return env
+
+
+def _supervise(spec: Spec, policy_paths: list[str], policy: Policy, learn: str | None, console: Console) -> int:
     log = audit.logger(container=spec.name)
     handled: list[int] = [*FORWARDED, signal.SIGHUP]
     signal.pthread_sigmask(signal.SIG_BLOCK, handled)
@@ -193,16 +255,18 @@ def _supervise(spec: Spec, policy_paths: list[str], policy: Policy, learn: str |
         print(f"mountwarden run: {exc}", file=sys.stderr)
         os.close(sigfd)
         return 126
+    master, container.pty_master = container.pty_master, -1
+    console.started(master)
     session = Session(spec.name, container.listener, container.init_pid, policy, log)
     session.learned = [] if learn else None
     session.info = ContainerInfo(name=spec.name, host_uid=spec.uids.start)
 
     def on_signal() -> None:
         while (sig := s.read_signal(sigfd)) is not None:
-            signo, code = sig
+            signo, _ = sig
             if signo == signal.SIGHUP:
                 _reload(session, policy_paths)
-            elif code != s.SI_KERNEL:  # a terminal's signal reached the container's processes already
+            else:  # also a terminal's ^C: the container has a session of its own, so only we got it
                 container.signal(signo)
 
     try:
@@ -253,9 +317,18 @@ def _write_learned(path: str, requests: list[MountRequest], log: Any) -> None:
 
 
 @contextlib.contextmanager
-def _audit_stream(path: str | None) -> Iterator[TextIO]:
-    if path is None:
+def _audit_stream(path: str | None, name: str) -> Iterator[TextIO]:
+    """Where audit records go: never a stream the container writes to.
+
+    By default a per-container file under AUDIT_DIR, announced on stderr before the container
+    starts; `-` is stderr, which the container then does not share (see Console.open).
+    """
+    if path == "-":
         yield sys.stderr
         return
-    with open(path, "a", buffering=1) as f:
+    if path is None:
+        os.makedirs(AUDIT_DIR, mode=0o700, exist_ok=True)
+        path = os.path.join(AUDIT_DIR, f"{name}.log")
+        print(f"mountwarden run: audit records go to {path}", file=sys.stderr)
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600), "a", buffering=1) as f:
         yield f

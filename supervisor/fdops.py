@@ -61,7 +61,12 @@ def open_beneath(dir_fd: int, path: str, flags: int, mode: int = 0) -> int:
     """openat2 of `path` under `dir_fd`: no mount crossed, no symlink followed, no escape, never blocking."""
     # openat2 refuses O_PATH with anything but these (EINVAL), where openat ignored the rest.
     extra = os.O_CLOEXEC | os.O_NOFOLLOW if flags & os.O_PATH else SAFE_OPEN
-    how = _OpenHow(flags | extra, mode, RESOLVE_STRICT)
+    return openat2(dir_fd, path, flags | extra, RESOLVE_STRICT, mode)
+
+
+def openat2(dir_fd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
+    """openat2(2): `path` under `dir_fd`, walked as `resolve` (RESOLVE_*) says."""
+    how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
     ret = _libc.syscall(
         ctypes.c_long(NR_OPENAT2),
         ctypes.c_long(dir_fd),

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import allow_policy, make_tree, mountwarden, run_container, write_policy
+from conftest import allow_policy, descendants, make_tree, mountwarden, run_container, write_policy
 
 
 @pytest.fixture(scope="session")
@@ -164,9 +164,7 @@ def test_kill_9_with_devices_bound_and_mounted(tmp_path: Path, images: dict[str,
     proc, log = _start(tmp_path, "victim", script, allow_policy(tmp_path))
     assert proc.stdout and proc.stdout.readline().strip() == "3"
     if victim == "container":
-        init = int(
-            subprocess.run(["pgrep", "-P", str(_waiter(proc.pid))], capture_output=True, text=True).stdout.split()[0]
-        )
+        init = next(pid for pid, name in descendants(proc.pid) if name == "mw-init")
         os.kill(init, signal.SIGKILL)
     else:
         os.kill(proc.pid, signal.SIGKILL)
@@ -177,13 +175,6 @@ def test_kill_9_with_devices_bound_and_mounted(tmp_path: Path, images: dict[str,
             assert time.monotonic() < deadline
             time.sleep(0.05)
     # no_leaks: every host loop device (bound, mounted and the placeholder) is gone
-
-
-def _waiter(supervisor: int) -> int:
-    """The supervisor's child that is not its namespace helper: the container's waiter."""
-    children = subprocess.run(["pgrep", "-P", str(supervisor)], capture_output=True, text=True).stdout.split()
-    owners = {int(c): os.stat(f"/proc/{c}").st_uid for c in children}
-    return next(pid for pid, uid in owners.items() if uid != 0)
 
 
 def test_fifty_attach_detach_cycles_leave_nothing(tmp_path: Path, images: dict[str, Path], mnt: Path) -> None:

@@ -42,7 +42,7 @@ def test_mount_as_unprivileged_host_uid_in_new_namespaces(tmp_path: Path, mountc
     uid_map, mntns, pid = run.stdout.split("\n")[:3]
     assert uid_map.split()[:2] == ["0", "100000"] or int(uid_map.split()[1]) >= 100000
     assert mntns != os.readlink("/proc/self/ns/mnt")
-    assert pid == "2"  # pid 1 is the container's init, the command runs under it
+    assert int(pid) > 1  # pid 1 is the container's init, the command runs under it
 
 
 def test_denied_mount_gets_errno_and_audit_line(

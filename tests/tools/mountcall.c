@@ -571,6 +571,105 @@ static int cmd_userns(int argc, char **argv)
 	return report(unshare(flags));
 }
 
+/* --- isolation: what the container can see and reach (terminals, processes, sockets) --- */
+#include <signal.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/ioctl.h>
+#include <sys/ptrace.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+
+/* An fd number as given, or PATH opened read-write without becoming our controlling terminal. */
+static int fd_or_open(const char *what)
+{
+	char *end;
+	long fd = strtol(what, &end, 10);
+
+	if (*what && !*end)
+		return (int)fd;
+	return open(what, O_RDWR | O_NOCTTY | O_CLOEXEC);
+}
+
+/* Push TEXT (and a newline) into the input queue of the terminal on FD|PATH. */
+static int cmd_tiocsti(int argc, char **argv)
+{
+	(void)argc;
+	int fd = fd_or_open(argv[0]);
+	if (fd < 0)
+		return fail(errno);
+	for (const char *c = argv[1];; c++) {
+		char ch = *c ? *c : '\n';
+		if (ioctl(fd, TIOCSTI, &ch) < 0)
+			return fail(errno);
+		if (!*c)
+			break;
+	}
+	return report(0);
+}
+
+static long parse_pid(const char *text)
+{
+	char *end;
+	long pid = strtol(text, &end, 10);
+
+	if (!*text || *end || pid <= 0)
+		usage_error("bad pid '%s'", text);
+	return pid;
+}
+
+static int cmd_kill0(int argc, char **argv)
+{
+	(void)argc;
+	return report(kill((pid_t)parse_pid(argv[0]), 0));
+}
+
+static int cmd_pidfd(int argc, char **argv)
+{
+	(void)argc;
+	return report(syscall(SYS_pidfd_open, parse_pid(argv[0]), 0));
+}
+
+static int cmd_ptrace(int argc, char **argv)
+{
+	(void)argc;
+	pid_t pid = (pid_t)parse_pid(argv[0]);
+	long rc = ptrace(PTRACE_SEIZE, pid, 0, 0);
+	int err = errno;
+	if (rc == 0)
+		ptrace(PTRACE_DETACH, pid, 0, 0);
+	errno = err;
+	return report(rc);
+}
+
+/* Connect to the abstract unix socket NAME ("@NAME" in ss). */
+static int cmd_connect_abstract(int argc, char **argv)
+{
+	struct sockaddr_un addr = {.sun_family = AF_UNIX};
+	size_t len = strlen(argv[0]);
+	(void)argc;
+	if (len + 1 > sizeof(addr.sun_path))
+		usage_error("abstract name too long: '%s'", argv[0]);
+	memcpy(addr.sun_path + 1, argv[0], len);
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return fail(errno);
+	return report(connect(fd, (struct sockaddr *)&addr, (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + len)));
+}
+
+/* Connect to 127.0.0.1:PORT over TCP. */
+static int cmd_connect_tcp(int argc, char **argv)
+{
+	struct sockaddr_in addr = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+	(void)argc;
+	addr.sin_port = htons((uint16_t)parse_pid(argv[0]));
+	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return fail(errno);
+	return report(connect(fd, (struct sockaddr *)&addr, sizeof(addr)));
+}
+/* --- end isolation --- */
+
 struct command {
 	const char *name;
 	int min_args;
@@ -651,6 +750,12 @@ static const struct command commands[] = {
 	{"ioctl-page", 3, 3, cmd_ioctl_page, "ioctl-page PATH REQUEST none|ro|rw"},
 	{"userns", 0, 1, cmd_userns, "userns [mnt]"},
 	{"open-tree-attr-clear", 1, 1, cmd_open_tree_attr_clear, "open-tree-attr-clear TGT"},
+	{"tiocsti", 2, 2, cmd_tiocsti, "tiocsti FD|PATH TEXT"},
+	{"kill0", 1, 1, cmd_kill0, "kill0 PID"},
+	{"pidfd", 1, 1, cmd_pidfd, "pidfd PID"},
+	{"ptrace", 1, 1, cmd_ptrace, "ptrace PID"},
+	{"connect-abstract", 1, 1, cmd_connect_abstract, "connect-abstract NAME"},
+	{"connect-tcp", 1, 1, cmd_connect_tcp, "connect-tcp PORT"},
 };
 #define N_COMMANDS (sizeof(commands) / sizeof(commands[0]))
 
