@@ -183,6 +183,13 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 
 
+class _SelfTarget(Target):
+    """This process as its own caller: there is no notification whose validity could lapse."""
+
+    def check(self) -> None:
+        pass
+
+
 class CallerMemory:
     """Three readable pages followed by an unmapped one, read the way handlers read a caller.
 
@@ -197,8 +204,9 @@ class CallerMemory:
             raise OSError(ctypes.get_errno(), "mmap")
         self.base: int = base
         _libc.munmap(base + self.SIZE, PAGE)  # the guard: reads running into it fault
-        self.target = Target(-1, notify.Notification(0, os.getpid(), 0, 0, (0, 0, 0, 0, 0, 0)))
+        self.target = _SelfTarget(-1, notify.Notification(0, os.getpid(), 0, 0, (0, 0, 0, 0, 0, 0)))
         self.target.mem = os.open("/proc/self/mem", os.O_RDWR | os.O_CLOEXEC)
+        self.target.proc = os.open(f"/proc/{os.getpid()}", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def fill(self, offset: int, data: bytes) -> bytes:
         """Non-NUL filler with `data` at `offset`; returns what lies from `offset` to the guard."""
@@ -209,6 +217,7 @@ class CallerMemory:
 
     def close(self) -> None:
         os.close(self.target.mem)
+        os.close(self.target.proc)
         _libc.munmap(self.base, self.SIZE)
 
 
