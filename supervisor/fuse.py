@@ -184,7 +184,11 @@ def start(
         ours.close()
     daemon = FuseDaemon(name, pid, pidfd, target, fds[0] if fds else -1)
     if daemon.listener < 0:  # it died before loading its filter; its stderr says why
-        daemon.listener = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        daemon.stop()
+        daemon.close()
+        text = " ".join(os.pread(err, 4096, 0).decode(errors="replace").split())[:_STDERR_MAX] or "no message"
+        os.close(err)
+        raise KernelError(errno.EIO, f"the FUSE daemon {name} could not be started: {text}")
     return daemon, err
 
 
@@ -210,10 +214,12 @@ def wait_mounted(
     """
     deadline = time.monotonic() + timeout
     mountinfo = f"/proc/{daemon.pid}/mountinfo"
+    calls = select.poll()
+    calls.register(daemon.listener, select.POLLIN)
     try:
         while True:
-            ready, _, _ = select.select([daemon.listener], [], [], 0.005)
-            if ready:
+            # POLLIN only: a listener whose task died hangs up, and RECV on it would block.
+            if any(events & select.POLLIN for _, events in calls.poll(5)):
                 serve(daemon.listener)
             with contextlib.suppress(OSError):
                 with open(mountinfo) as f:
