@@ -158,7 +158,7 @@ def start(
             for group in cgroups:
                 with open(os.path.join(group, "cgroup.procs"), "w") as f:
                     f.write(str(os.getpid()))
-            fuse_jail.build(jail)
+            fuse_jail.build(jail, ns_pidfd)
             fuse_jail.enter(jail, ns_pidfd)
             child = os.fork()
             if child == 0:
@@ -240,8 +240,6 @@ def wait_mounted(
 
 
 FUSE_SUPER_MAGIC: Final = 0x65735546
-OPEN_TREE_CLONE: Final = 1
-OPEN_TREE_CLOEXEC: Final = os.O_CLOEXEC
 AT_SYMLINK_NOFOLLOW: Final = 0x100
 
 
@@ -293,7 +291,7 @@ def _clone_and_attach(  # pragma: no cover - runs in attach's child
         raise KernelError(errno.EXDEV, "the daemon's mount changed before it could be attached")
     if _fs_magic(point) != FUSE_SUPER_MAGIC:
         raise KernelError(errno.EXDEV, "the daemon's mount point holds no FUSE mount")
-    clone = _open_tree(point, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | s.AT_EMPTY_PATH)
+    clone = fuse_jail.open_tree(point, fuse_jail.OPEN_TREE_CLONE | os.O_CLOEXEC | s.AT_EMPTY_PATH)
     # umount2 takes a path: give it the fd's magic link, resolved from the host's procfs.
     os.fchdir(fd_dir)
     s.umount2(str(point), s.MNT_DETACH)
@@ -323,13 +321,6 @@ def _fs_magic(fd: int) -> int:
     if _libc.fstatfs(fd, buf) != 0:
         raise KernelError(ctypes.get_errno(), "fstatfs")
     return int(struct.unpack_from("<q", buf.raw, 0)[0])
-
-
-def _open_tree(fd: int, flags: int) -> int:
-    ret = _libc.syscall(ctypes.c_long(s.NR_OPEN_TREE), ctypes.c_long(fd), b"", ctypes.c_long(flags))
-    if ret < 0:
-        raise KernelError(ctypes.get_errno(), "open_tree")
-    return int(ret)
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

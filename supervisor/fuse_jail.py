@@ -51,7 +51,7 @@ class Jail:
     host_ids: tuple[int, int]  # the same ids on the host: owner of /dev/fuse and the mount point
 
 
-def build(jail: Jail) -> None:  # pragma: no cover - runs in the launcher, host root
+def build(jail: Jail, ns_pidfd: int) -> None:  # pragma: no cover - runs in the launcher, host root
     """Make the jail's tree in a new mount namespace and pivot into it."""
     s.unshare(s.CLONE_NEWNS)
     s.mount(None, "/", None, s.MS_REC | s.MS_PRIVATE)
@@ -82,8 +82,7 @@ def build(jail: Jail) -> None:  # pragma: no cover - runs in the launcher, host 
         os.chmod(image, 0o400 if jail.read_only else 0o600)
     else:
         os.close(os.open(image, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        # A bind of the fd's own file: the magic link is followed by the kernel, never re-walked.
-        s.mount(f"/proc/self/fd/{jail.image_fd}", image, None, s.MS_BIND)
+        _bind_from_container(jail.image_fd, ns_pidfd, image)
         s.mount(None, image, None, s.MS_REMOUNT | s.MS_BIND | s.MS_NOSUID | s.MS_NODEV | s.MS_NOEXEC
                 | (s.MS_RDONLY if jail.read_only else 0))  # fmt: skip
     s.mount(None, STAGE, None, s.MS_REMOUNT | s.MS_RDONLY | s.MS_NOSUID | s.MS_NOEXEC)
@@ -91,6 +90,33 @@ def build(jail: Jail) -> None:  # pragma: no cover - runs in the launcher, host 
     s.pivot_root(".", ".")
     s.umount2(".", s.MNT_DETACH)
     os.chdir("/")
+
+
+def _bind_from_container(fd: int, ns_pidfd: int, where: str) -> None:  # pragma: no cover - launcher
+    """Bind the file `fd` (on a mount of the container's namespace) at `where`, by fd only.
+
+    A mount can be cloned only from inside its own namespace: clone it there, come back, attach.
+    """
+    own = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    s.setns(ns_pidfd, s.CLONE_NEWNS)
+    clone = open_tree(fd, OPEN_TREE_CLONE | os.O_CLOEXEC | s.AT_EMPTY_PATH)
+    s.setns(own, s.CLONE_NEWNS)
+    os.close(own)
+    target = os.open(where, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    s.move_mount(clone, target)
+    os.close(target)
+    os.close(clone)
+
+
+OPEN_TREE_CLONE: Final = 1
+
+
+def open_tree(fd: int, flags: int) -> int:
+    """open_tree(fd, "", flags): a detached clone of the mount `fd` is on (with OPEN_TREE_CLONE)."""
+    ret = _libc.syscall(ctypes.c_long(s.NR_OPEN_TREE), ctypes.c_long(fd), b"", ctypes.c_long(flags))
+    if ret < 0:
+        raise OSError(ctypes.get_errno(), "open_tree")
+    return int(ret)
 
 
 def enter(jail: Jail, ns_pidfd: int) -> None:  # pragma: no cover - runs in the launcher
