@@ -137,7 +137,7 @@ def test_daemon_is_the_hosts_program_with_a_clean_environment_and_no_privilege(
     assert os.readlink(f"/proc/{pid}/ns/pid") == os.readlink(f"/proc/{init}/ns/pid")
     assert os.readlink(f"/proc/{pid}/ns/mnt") not in (
         os.readlink(f"/proc/{init}/ns/mnt"),
-        os.readlink("/proc/1/ns/mnt"),
+        os.readlink("/proc/self/ns/mnt"),
     )
     assert sorted(os.listdir(f"/proc/{pid}/root")) == ["bin", "dev", "image", "lib", "lib64", "mnt", "sbin", "usr"]
     for point in ("/", "/usr", "/image"):
