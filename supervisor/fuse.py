@@ -1,30 +1,43 @@
 """The FUSE handoff: an image policy does not trust to the kernel is served by a user-space daemon.
 
-The daemon runs as the caller (container root, as a rule) inside the container's user, mount
-and pid namespaces and its device cgroups, outside the seccomp filter: it opens the image with
-the container's own rights and does the FUSE mount itself, which the kernel allows a user
-namespace. A hostile image can at worst crash an unprivileged process of the container. The
-daemon lives in the container's pid namespace, so it ends with the container whatever way the
-container or the supervisor ends.
+The daemon is the host's program run in a jail (supervisor/fuse_jail.py): the host's /usr, a
+locked mount namespace of the container's user namespace, the caller's ids, CAP_SYS_ADMIN there
+only, a clean environment and the container's own seccomp filter, whose listener the supervisor
+serves like the container's. It opens the image (a bind of the supervisor's fd) with the
+caller's rights and mounts FUSE on its private mount point, which the kernel allows a user
+namespace; the supervisor then clones that mount and attaches the clone at the container's
+target with the forced flags. A hostile image can at worst crash an unprivileged process of the
+container, and a daemon the container takes over can do nothing the container's root cannot.
+The daemon lives in the container's pid namespace and cgroups, so it ends with the container
+whatever way the container or the supervisor ends, and it ends with its mount: once the clone
+is the superblock's only mount, unmounting it ends the FUSE connection.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import json
 import os
 import re
 import select
 import shutil
 import signal
+import socket
+import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
+import prctl  # type: ignore[import-untyped]  # python-prctl ships no type hints
+
+from . import fuse_jail
 from . import syscalls as s
 from .errors import KernelError
 from .policy import Policy
+from .seccomp import filter as seccomp_filter
 
 DEFAULT_DAEMONS: Final = {
     "ext2": "fuse2fs",
@@ -46,6 +59,7 @@ class FuseDaemon:
     pid: int
     pidfd: int
     target: str
+    listener: int = -1  # the daemon's own seccomp listener, served in the session's loop
 
     def alive(self) -> bool:
         return not select.select([self.pidfd], [], [], 0)[0]
@@ -57,9 +71,10 @@ class FuseDaemon:
                 signal.pidfd_send_signal(self.pidfd, signal.SIGTERM)
 
     def close(self) -> None:
-        if self.pidfd >= 0:
-            os.close(self.pidfd)
-            self.pidfd = -1
+        for fd in (self.pidfd, self.listener):
+            if fd >= 0:
+                os.close(fd)
+        self.pidfd = self.listener = -1
 
 
 def mounts(mountinfo: str) -> dict[int, tuple[str, str, int]]:
@@ -96,94 +111,121 @@ def missing_daemons(policy: Policy) -> list[str]:
 
 
 def daemon_for(fstype: str, named: str | None) -> str:
-    """The daemon program for `fstype`, or KernelError(ENODEV) saying what is missing."""
+    """The host path of the daemon for `fstype`, or KernelError(ENODEV) saying what is missing.
+
+    Only programs under the trees the jail shows (the host's /usr, /bin, /sbin, /lib*) can run.
+    """
     name = named or DEFAULT_DAEMONS.get(fstype)
     if name is None:
         raise KernelError(errno.ENODEV, f"no FUSE daemon is known for {fstype}; name one in the rule (daemon:)")
-    if shutil.which(name) is None:
+    found = shutil.which(name, path=fuse_jail.ENV["PATH"])
+    if found is None:
         raise KernelError(errno.ENODEV, f"the FUSE daemon {name} for {fstype} is not installed on this host")
-    return name
+    path = os.path.realpath(found)
+    if path.split("/")[1] not in fuse_jail.HOST_TREES:
+        raise KernelError(errno.ENODEV, f"the FUSE daemon {path} is outside /usr; install it there")
+    return path
 
 
 LIBFUSE2: Final = frozenset({"fuse2fs"})  # libfuse 2 refuses a non-empty mount point unless told
 
 
-def argv(name: str, image: str, target: str, read_only: bool, attrs: Sequence[str]) -> list[str]:
-    """The daemon's command line: foreground, the forced options, the image's path in the container."""
+def argv(name: str, read_only: bool, attrs: Sequence[str]) -> list[str]:
+    """The daemon's command line: foreground, the forced options, the jail's image and mount point."""
     opts = [*sorted({"nosuid", "nodev", *attrs}), "allow_other", "ro" if read_only else "rw"]
     if name in LIBFUSE2:
         opts.append("nonempty")  # as mount(2) itself allows
-    return [name, "-f", "-o", ",".join(opts), image, target]
+    return [name, "-f", "-o", ",".join(opts), fuse_jail.IMAGE, fuse_jail.MOUNT_POINT]
 
 
 def start(
-    name: str,
-    image: str,
-    target: str,
-    *,
-    read_only: bool,
-    attrs: Sequence[str],
-    ns_pidfd: int,
-    ids: tuple[int, int],
-    cgroups: Sequence[str],
+    program: str, jail: fuse_jail.Jail, attrs: Sequence[str], *, target: str, ns_pidfd: int, cgroups: Sequence[str]
 ) -> tuple[FuseDaemon, int]:
-    """Start the daemon in the namespaces of the task behind `ns_pidfd`, as `ids` (uid, gid there).
+    """Start `program` jailed in the container of the task behind `ns_pidfd` (see fuse_jail).
 
     Returns the daemon and a memfd holding its stderr, for `wait_mounted`. A file rather than a
     pipe: nobody reads a pipe once the daemon runs, and a write to it would kill the daemon.
     """
-    path = shutil.which(name)
-    assert path is not None
+    name = os.path.basename(program)
     err = os.memfd_create(f"{name}-stderr", os.MFD_CLOEXEC)
-    pid_r, pid_w = os.pipe()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     launcher = os.fork()
-    if launcher == 0:  # pragma: no cover - the launcher: enter the namespaces, fork the daemon, go
+    if launcher == 0:  # pragma: no cover - the launcher: build the jail, enter it, fork the daemon
         try:
-            os.close(pid_r)
+            ours.close()
             s.prctl(s.PR_SET_PDEATHSIG, signal.SIGKILL)
+            prctl.set_name("mw-fuse-launch")
             for group in cgroups:
                 with open(os.path.join(group, "cgroup.procs"), "w") as f:
                     f.write(str(os.getpid()))
-            s.setns(ns_pidfd, s.CLONE_NEWUSER | s.CLONE_NEWNS | s.CLONE_NEWPID)
-            os.setgroups([])
-            os.setresgid(ids[1], ids[1], ids[1])
-            os.setresuid(ids[0], ids[0], ids[0])
-            daemon = os.fork()
-            if daemon == 0:
-                null = os.open("/dev/null", os.O_RDWR)
-                os.dup2(null, 0)
-                os.dup2(null, 1)
-                os.dup2(err, 2)
-                os.closerange(3, os.sysconf("SC_OPEN_MAX"))
-                os.chdir("/")
-                os.execv(path, argv(name, image, target, read_only, attrs))
-            os.write(pid_w, str(daemon).encode())
+            fuse_jail.build(jail, ns_pidfd)
+            fuse_jail.enter(jail, ns_pidfd)
+            child = os.fork()
+            if child == 0:
+                _exec_daemon(program, argv(name, jail.read_only, attrs), theirs, err)
+            theirs.send(str(child).encode())
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                theirs.send(f"error: {exc}".encode())
         finally:
             os._exit(0)
-    os.close(pid_w)
+    theirs.close()
     try:
         os.waitpid(launcher, 0)
-        raw = os.read(pid_r, 32)
+        raw = ours.recv(256)
+        if not raw.isdigit():
+            os.close(err)
+            why = raw.decode(errors="replace").removeprefix("error: ") or "the launcher died"
+            raise KernelError(errno.EIO, f"the FUSE daemon {name} could not be started: {why}")
+        pid = int(raw)
+        pidfd = s.pidfd_open(pid)
+        _, fds, _, _ = socket.recv_fds(ours, 16, 1)
     finally:
-        os.close(pid_r)
-    if not raw:
+        ours.close()
+    daemon = FuseDaemon(name, pid, pidfd, target, fds[0] if fds else -1)
+    if daemon.listener < 0:  # it died before loading its filter; its stderr says why
+        daemon.stop()
+        daemon.close()
+        text = " ".join(os.pread(err, 4096, 0).decode(errors="replace").split())[:_STDERR_MAX] or "no message"
         os.close(err)
-        raise KernelError(errno.EIO, f"the FUSE daemon {name} could not be started")
-    pid = int(raw)
-    return FuseDaemon(name, pid, s.pidfd_open(pid), target), err
+        raise KernelError(errno.EIO, f"the FUSE daemon {name} could not be started: {text}")
+    return daemon, err
 
 
-def wait_mounted(daemon: FuseDaemon, err_fd: int, mounted: Callable[[], bool], timeout: float = START_TIMEOUT) -> None:
-    """Wait until `mounted()` says the mount is there; a daemon that exits or stalls is an error.
+def _exec_daemon(program: str, args: list[str], sock: socket.socket, err: int) -> None:  # pragma: no cover
+    """In the daemon: stdio, the container's filter (its listener to the supervisor), exec."""
+    null = os.open("/dev/null", os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.dup2(err, 2)
+    listener = seccomp_filter.install()
+    socket.send_fds(sock, [b"listener"], [listener])
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+    os.execve(program, args, fuse_jail.ENV)
 
-    The error carries the daemon's own complaint (its stderr, shortened), so the audit line
-    says which daemon refused the image and why.
+
+def wait_mounted(
+    daemon: FuseDaemon, err_fd: int, serve: Callable[[int], None], timeout: float = START_TIMEOUT
+) -> tuple[int, int]:
+    """Serve the daemon's calls until its FUSE mount is there; (its mount id, its device).
+
+    A daemon that exits or stalls is an error carrying its own complaint (its stderr,
+    shortened), so the audit line says which daemon refused the image and why.
     """
     deadline = time.monotonic() + timeout
+    mountinfo = f"/proc/{daemon.pid}/mountinfo"
+    calls = select.poll()
+    calls.register(daemon.listener, select.POLLIN)
     try:
         while True:
-            if mounted():
-                return
+            # POLLIN only: a listener whose task died hangs up, and RECV on it would block.
+            if any(events & select.POLLIN for _, events in calls.poll(5)):
+                serve(daemon.listener)
+            with contextlib.suppress(OSError):
+                with open(mountinfo) as f:
+                    for mnt_id, (point, kind, dev) in mounts(f.read()).items():
+                        if point == fuse_jail.MOUNT_POINT and kind.startswith("fuse"):
+                            return mnt_id, dev
             if not daemon.alive():
                 stderr = os.pread(err_fd, 4096, 0)
                 text = " ".join(stderr.decode(errors="replace").split())[:_STDERR_MAX] or "no message"
@@ -193,6 +235,92 @@ def wait_mounted(daemon: FuseDaemon, err_fd: int, mounted: Callable[[], bool], t
                 raise KernelError(
                     errno.ETIMEDOUT, f"the FUSE daemon {daemon.name} did not mount within {timeout:.0f} s"
                 )
-            time.sleep(0.005)
     finally:
         os.close(err_fd)
+
+
+FUSE_SUPER_MAGIC: Final = 0x65735546
+AT_SYMLINK_NOFOLLOW: Final = 0x100
+
+
+def attach(daemon: FuseDaemon, seen: tuple[int, int], ns_pidfd: int, target_fd: int, attr_set: int) -> tuple[int, int]:
+    """Clone the daemon's mount `seen` (mount id, device) onto `target_fd` in the container.
+
+    A throwaway child (host root) enters the daemon's mount namespace, takes the mount it saw
+    by fd and checks it is still that FUSE mount, clones it, detaches the original (so the clone
+    alone keeps the connection: the container's unmount ends the daemon), sets the forced flags
+    on the detached clone, enters the container's mount namespace and attaches it there.
+    Returns the clone's mount id and device in the container.
+    """
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the attaching child
+        try:
+            os.close(r)
+            s.prctl(s.PR_SET_PDEATHSIG, signal.SIGKILL)
+            result = _clone_and_attach(daemon.pidfd, seen, ns_pidfd, target_fd, attr_set)
+        except KernelError as exc:
+            result = {"errno": exc.errno or errno.EIO, "error": exc.what}
+        except OSError as exc:
+            result = {"errno": exc.errno or errno.EIO, "error": str(exc)}
+        except BaseException as exc:
+            result = {"errno": errno.EIO, "error": f"attach error: {exc!r}"}
+        finally:
+            with contextlib.suppress(BaseException):
+                os.write(w, json.dumps(result).encode())
+            os._exit(0)
+    os.close(w)
+    try:
+        os.waitpid(child, 0)
+        raw = os.read(r, 4096)
+    finally:
+        os.close(r)
+    reply: dict[str, Any] = json.loads(raw or b'{"errno": 5, "error": "the attaching process died"}')
+    if reply["errno"]:
+        raise KernelError(reply["errno"], f"the FUSE mount could not be attached: {reply['error']}")
+    return int(reply["mnt_id"]), int(reply["dev"])
+
+
+def _clone_and_attach(  # pragma: no cover - runs in attach's child
+    daemon_pidfd: int, seen: tuple[int, int], ns_pidfd: int, target_fd: int, attr_set: int
+) -> dict[str, Any]:
+    fd_dir = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)  # the host's procfs
+    s.setns(daemon_pidfd, s.CLONE_NEWNS)
+    point = os.open(fuse_jail.MOUNT_POINT, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC)
+    if _identity(point) != seen:
+        raise KernelError(errno.EXDEV, "the daemon's mount changed before it could be attached")
+    if _fs_magic(point) != FUSE_SUPER_MAGIC:
+        raise KernelError(errno.EXDEV, "the daemon's mount point holds no FUSE mount")
+    clone = fuse_jail.open_tree(point, fuse_jail.OPEN_TREE_CLONE | os.O_CLOEXEC | s.AT_EMPTY_PATH)
+    # umount2 takes a path: give it the fd's magic link, resolved from the host's procfs.
+    os.fchdir(fd_dir)
+    s.umount2(str(point), s.MNT_DETACH)
+    os.close(point)
+    atime = s.MOUNT_ATTR__ATIME if attr_set & s.MOUNT_ATTR__ATIME else 0
+    s.mount_setattr(clone, attr_set, atime)
+    s.setns(ns_pidfd, s.CLONE_NEWNS)
+    s.move_mount(clone, target_fd)
+    mnt_id, dev = _identity(clone)
+    return {"errno": 0, "mnt_id": mnt_id, "dev": dev}
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    """(mount id, device) of what `fd` is on. statx with an empty mask: a FUSE mount of another
+    user namespace refuses every other attribute to the supervisor (EACCES), not these two."""
+    buf = ctypes.create_string_buffer(256)
+    if _libc.statx(fd, b"", s.AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, 0, buf) != 0:
+        err = ctypes.get_errno()
+        raise KernelError(err, "statx")
+    major, minor = struct.unpack_from("<II", buf.raw, 0x88)
+    (mnt_id,) = struct.unpack_from("<Q", buf.raw, 0x90)
+    return mnt_id, os.makedev(major, minor)
+
+
+def _fs_magic(fd: int) -> int:
+    buf = ctypes.create_string_buffer(120)
+    if _libc.fstatfs(fd, buf) != 0:
+        raise KernelError(ctypes.get_errno(), "fstatfs")
+    return int(struct.unpack_from("<q", buf.raw, 0)[0])
+
+
+_libc = ctypes.CDLL(None, use_errno=True)

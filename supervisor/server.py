@@ -22,14 +22,17 @@ from .target import Target
 _HANDLERS = handlers()
 
 
-def serve_one(session: Session) -> None:
-    """Take one pending notification from the session's listener and answer it."""
-    notif = notify.receive(session.listener)
+def serve_one(session: Session, listener: int | None = None) -> None:
+    """Take one pending notification from the session's listener (or a FUSE daemon's) and answer it."""
+    fd = session.listener if listener is None else listener
+    notif = notify.receive(fd)
     if notif is None:
         return
     started = time.perf_counter_ns()
     name = syscall_name(notif)
     audit: dict[str, Any] = {"container": session.name, "pid": notif.pid, "syscall": name or f"nr {notif.nr}"}
+    if fd != session.listener:
+        audit["caller"] = "fuse-daemon"
     if notif.arch != NATIVE_ARCH or abi_name(notif) == "x32":
         audit["abi"] = abi_name(notif)
     response = notify.Response.errno(notif.id, errno.EIO)
@@ -39,7 +42,7 @@ def serve_one(session: Session) -> None:
         handler = _HANDLERS.get(name or "")
         if handler is None:
             raise KernelError(errno.ENOSYS, f"mountwarden does not serve this call on the {abi_name(notif)} ABI")
-        with Target(session.listener, notif) as target:
+        with Target(fd, notif) as target:
             response = handler(Call(session, notif, target, audit))
     except KernelError as exc:
         response = notify.Response.errno(notif.id, exc.errno or errno.EIO)
@@ -48,7 +51,7 @@ def serve_one(session: Session) -> None:
         error = f"internal error: {exc!r}"
         session.log.exception("handler-failed", syscall=name)
     finally:
-        delivered = notify.send(session.listener, response)
+        delivered = notify.send(fd, response)
         _emit(session, audit, response, error, delivered, started)
 
 
@@ -84,7 +87,7 @@ def run_until_exit(session: Session, child_pidfd: int, extra: dict[int, Any] | N
     poller.register(child_pidfd, select.EPOLLIN)
     for fd in extra or {}:
         poller.register(fd, select.EPOLLIN)
-    daemons: set[int] = set()  # FUSE daemons' pidfds: readable when one dies
+    daemons: dict[int, str] = {}  # FUSE daemons' fds: "pidfd" (readable when one dies), "listener", "hung-up"
     try:
         while True:
             _watch_daemons(poller, session, daemons)
@@ -98,18 +101,28 @@ def run_until_exit(session: Session, child_pidfd: int, extra: dict[int, Any] | N
                         poller.unregister(fd)
                 elif extra and fd in extra:
                     extra[fd]()
-                elif fd in daemons:
+                elif daemons.get(fd) == "listener":  # a FUSE daemon's own seccomp listener
+                    if events & select.EPOLLIN:
+                        serve_one(session, fd)
+                    elif events & select.EPOLLHUP:
+                        poller.unregister(fd)
+                        daemons[fd] = "hung-up"
+                elif daemons.get(fd) == "pidfd":
                     poller.unregister(fd)
-                    daemons.discard(fd)
+                    del daemons[fd]
                     session.reap_daemons()
     finally:
         poller.close()
 
 
-def _watch_daemons(poller: select.epoll, session: Session, watched: set[int]) -> None:
-    """Keep one registration per live daemon (a closed pidfd leaves epoll by itself)."""
-    current = {d.pidfd for d in session.daemons.values()}
-    watched &= current
-    for fd in current - watched:
-        poller.register(fd, select.EPOLLIN)
-        watched.add(fd)
+def _watch_daemons(poller: select.epoll, session: Session, watched: dict[int, str]) -> None:
+    """Keep one registration per live daemon's pidfd and listener (a closed fd leaves epoll by itself)."""
+    current = {fd: kind for d in session.daemons.values()
+               for fd, kind in ((d.pidfd, "pidfd"), (d.listener, "listener")) if fd >= 0}  # fmt: skip
+    for fd in list(watched):
+        if fd not in current:
+            del watched[fd]
+    for fd, kind in current.items():
+        if fd not in watched:
+            poller.register(fd, select.EPOLLIN)
+            watched[fd] = kind

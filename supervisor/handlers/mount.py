@@ -28,7 +28,7 @@ import stat
 from dataclasses import dataclass
 from typing import Final
 
-from .. import fuse, mountopts, origin
+from .. import fuse, fuse_jail, mountopts, origin
 from .. import syscalls as s
 from ..errors import KernelError
 from ..loop.abi import LO_FLAGS_AUTOCLEAR
@@ -196,49 +196,41 @@ def _decide(call: Call, request: MountRequest) -> Decision:
 def _fuse_mount(
     call: Call, src: _Source, where: Resolved, fstype: str, opts: mountopts.MountOptions, decision: Decision
 ) -> Response:
-    """Hand the mount to a FUSE daemon running as the caller in the container's namespaces."""
+    """Hand the mount to a jailed FUSE daemon, then attach its mount at the target (see fuse.py)."""
+    from .. import server  # the daemon's own calls are served while this one waits for them
+
     t, session = call.target, call.session
-    name = fuse.daemon_for(fstype, decision.daemon)
+    program = fuse.daemon_for(fstype, decision.daemon)
+    name = posixpath.basename(program)
     read_only = opts.read_only or name not in fuse.WRITABLE
     assert t.creds is not None
-    ids = (t.creds.uid - session.owner[0], t.creds.gid - session.owner[1])
-    ns_path = posixpath.join(t.root_path, where.path.lstrip("/"))
-    mountinfo = f"/proc/{session.init_pid}/mountinfo"
-    before = set(fuse.mounts(_read(mountinfo)))
-    _pool(call).ensure_fuse()
+    host_ids = (t.creds.uid, t.creds.gid)
+    ids = (host_ids[0] - session.owner[0], host_ids[1] - session.owner[1])
+    if src.slot is not None:
+        jail = fuse_jail.Jail(-1, src.slot.host.rdev, read_only, ids, host_ids)
+    else:
+        jail = fuse_jail.Jail(src.image.fd, 0, read_only, ids, host_ids)
+    _pool(call).ensure_fuse()  # the device cgroup grant the daemon needs
     t.check()
     daemon, stderr = fuse.start(
-        name, posixpath.join(t.root_path, src.image.path.lstrip("/")), ns_path, read_only=read_only,
-        attrs=sorted(opts.attrs), ns_pidfd=session.pidfd, ids=ids, cgroups=session.cgroup_paths,
-    )  # fmt: skip
+        program, jail, sorted(opts.attrs), target=where.path, ns_pidfd=session.pidfd, cgroups=session.cgroup_paths
+    )
     call.audit.update(daemon=name, daemon_pid=daemon.pid)
-    found: list[tuple[int, int]] = []
-
-    def mounted() -> bool:
-        for mnt_id, (point, kind, dev) in fuse.mounts(_read(mountinfo)).items():
-            if mnt_id not in before and point == ns_path and kind.startswith("fuse"):
-                found.append((mnt_id, dev))
-                return True
-        return False
-
     try:
-        fuse.wait_mounted(daemon, stderr, mounted)
+        seen = fuse.wait_mounted(daemon, stderr, lambda fd: server.serve_one(session, fd))
+        t.check()  # a caller that died meanwhile gets no mount
+        attrs = opts.attr_flags | s.MOUNT_ATTR_NOSUID | s.MOUNT_ATTR_NODEV | (s.MOUNT_ATTR_RDONLY if read_only else 0)
+        mnt_id, dev = fuse.attach(daemon, seen, session.pidfd, where.fd, attrs)
     except BaseException:
         daemon.stop()
         daemon.close()
         raise
-    mnt_id, dev = found[0]
     record = MountRecord(
         mnt_id, dev, -1, src.policy_path, where.path, f"fuse.{name}", -1, read_only, decision.options, decision.rule
     )
     session.add_daemon(record, daemon)
     call.audit["options"] = ",".join(["ro" if read_only else "rw", *sorted(opts.attrs)])
     return Response.success(call.notif.id)
-
-
-def _read(path: str) -> str:
-    with open(path) as f:
-        return f.read()
 
 
 def _pinned_copy(call: Call, fd: int, size: int) -> tuple[int, str] | None:

@@ -670,6 +670,94 @@ static int cmd_connect_tcp(int argc, char **argv)
 }
 /* --- end isolation --- */
 
+/* ---- taking over a FUSE daemon (tests/test_fuse_attacks.py) ---------------------------------- */
+#include <sched.h>
+#include <sys/ptrace.h>
+#include <sys/user.h>
+#include <sys/wait.h>
+
+/* Copy `len` bytes into task `pid` at `addr`, one word at a time. */
+static int poke(pid_t pid, unsigned long addr, const char *data, size_t len)
+{
+	for (size_t i = 0; i < len; i += sizeof(long)) {
+		long word = 0;
+		memcpy(&word, data + i, len - i < sizeof(long) ? len - i : sizeof(long));
+		if (ptrace(PTRACE_POKEDATA, pid, addr + i, word) < 0)
+			return -1;
+	}
+	return 0;
+}
+
+/*
+ * inject PID NR [ARG...]: make task PID itself run system call NR (x86-64), through ptrace, then
+ * let it go on as it was. "s:TEXT" arguments are copied below its stack pointer and passed as
+ * pointers; the others are numbers. Prints the task's own result (OK VALUE, or its errno name).
+ */
+static int cmd_inject(int argc, char **argv)
+{
+	pid_t pid = (pid_t)parse_id(argv[0]);
+	struct user_regs_struct saved, regs;
+	unsigned long long a[6] = {0};
+	int status, err = 0;
+	long rc;
+
+	if (ptrace(PTRACE_SEIZE, pid, 0, 0) < 0 || ptrace(PTRACE_INTERRUPT, pid, 0, 0) < 0)
+		return fail(errno);
+	if (waitpid(pid, &status, __WALL) < 0 || ptrace(PTRACE_GETREGS, pid, 0, &saved) < 0)
+		return fail(errno);
+	/* Stopped in a system call, rip follows its two-byte `syscall` (0f 05): run that one again. */
+	long insn = ptrace(PTRACE_PEEKTEXT, pid, saved.rip - 2, 0);
+	if ((long long)saved.orig_rax < 0 || (insn & 0xffff) != 0x050f)
+		usage_error("%s: the task is not stopped in a system call", argv[0]);
+	regs = saved;
+	unsigned long sp = (saved.rsp - 4096) & ~15UL;
+	for (int i = 2; i < argc && i < 8; i++) {
+		if (strncmp(argv[i], "s:", 2) == 0) {
+			size_t len = strlen(argv[i] + 2) + 1;
+			sp -= (len + 15) & ~15UL;
+			if (poke(pid, sp, argv[i] + 2, len) < 0)
+				return fail(errno);
+			a[i - 2] = sp;
+		} else {
+			a[i - 2] = strtoull(argv[i], NULL, 0);
+		}
+	}
+	regs.rip = saved.rip - 2;
+	regs.rax = strtoull(argv[1], NULL, 0);
+	regs.orig_rax = (unsigned long long)-1; /* no restart of the interrupted call on resume */
+	regs.rdi = a[0], regs.rsi = a[1], regs.rdx = a[2], regs.r10 = a[3], regs.r8 = a[4], regs.r9 = a[5];
+	regs.rsp = sp - 128;
+	if (ptrace(PTRACE_SETREGS, pid, 0, &regs) < 0)
+		return fail(errno);
+	for (int stop = 0; stop < 2; stop++) /* syscall entry, then exit */
+		if (ptrace(PTRACE_SYSCALL, pid, 0, 0) < 0 || waitpid(pid, &status, __WALL) < 0)
+			return fail(errno);
+	if (ptrace(PTRACE_GETREGS, pid, 0, &regs) < 0)
+		return fail(errno);
+	rc = (long)regs.rax;
+	if (ptrace(PTRACE_SETREGS, pid, 0, &saved) < 0 || ptrace(PTRACE_DETACH, pid, 0, 0) < 0)
+		err = errno;
+	if (rc < 0 && rc > -4096)
+		return fail((int)-rc);
+	if (err)
+		return fail(err);
+	printf("OK %ld\n", rc);
+	return 0;
+}
+
+/* enter-mnt PID: join the mount namespace of task PID (the rest of a seq runs there). */
+static int cmd_enter_mnt(int argc, char **argv)
+{
+	(void)argc;
+	int fd = (int)syscall(434 /* pidfd_open */, (pid_t)parse_id(argv[0]), 0);
+	if (fd < 0)
+		return fail(errno);
+	long rc = setns(fd, CLONE_NEWNS);
+	close(fd);
+	return report(rc);
+}
+/* ---- end of the FUSE daemon block ------------------------------------------------------------ */
+
 struct command {
 	const char *name;
 	int min_args;
@@ -756,6 +844,8 @@ static const struct command commands[] = {
 	{"ptrace", 1, 1, cmd_ptrace, "ptrace PID"},
 	{"connect-abstract", 1, 1, cmd_connect_abstract, "connect-abstract NAME"},
 	{"connect-tcp", 1, 1, cmd_connect_tcp, "connect-tcp PORT"},
+	{"inject", 2, 8, cmd_inject, "inject PID NR [ARG...]"},
+	{"enter-mnt", 1, 1, cmd_enter_mnt, "enter-mnt PID"},
 };
 #define N_COMMANDS (sizeof(commands) / sizeof(commands[0]))
 
