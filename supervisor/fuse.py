@@ -158,8 +158,9 @@ def start(
             for group in cgroups:
                 with open(os.path.join(group, "cgroup.procs"), "w") as f:
                     f.write(str(os.getpid()))
+            namespaces = fuse_jail.own_namespaces(ns_pidfd)
             fuse_jail.build(jail, ns_pidfd)
-            fuse_jail.enter(jail, ns_pidfd)
+            fuse_jail.enter(jail, ns_pidfd, namespaces)
             child = os.fork()
             if child == 0:
                 _exec_daemon(program, argv(name, jail.read_only, attrs), theirs, err)
@@ -193,7 +194,9 @@ def start(
 
 
 def _exec_daemon(program: str, args: list[str], sock: socket.socket, err: int) -> None:  # pragma: no cover
-    """In the daemon: stdio, the container's filter (its listener to the supervisor), exec."""
+    """In the daemon: its own session (no terminal of the operator's), stdio, the container's
+    filter (its listener to the supervisor), exec."""
+    os.setsid()
     null = os.open("/dev/null", os.O_RDWR)
     os.dup2(null, 0)
     os.dup2(null, 1)

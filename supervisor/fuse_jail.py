@@ -119,14 +119,26 @@ def open_tree(fd: int, flags: int) -> int:
     return int(ret)
 
 
-def enter(jail: Jail, ns_pidfd: int) -> None:  # pragma: no cover - runs in the launcher
-    """Join the container's user and pid namespaces, lock the tree, and become the caller.
+def own_namespaces(ns_pidfd: int) -> int:  # pragma: no cover - runs in the launcher, before `build`
+    """The container's network, uts and ipc namespaces where it has its own (not `--net host`),
+    for `enter`: the daemon must not reach the host's abstract sockets or loopback services."""
+    with open(f"/proc/self/fdinfo/{ns_pidfd}") as f:
+        pid = next(int(line.split()[1]) for line in f if line.startswith("Pid:"))
+    flags = 0
+    for name, flag in (("net", s.CLONE_NEWNET), ("uts", s.CLONE_NEWUTS), ("ipc", s.CLONE_NEWIPC)):
+        if os.stat(f"/proc/{pid}/ns/{name}").st_ino != os.stat(f"/proc/self/ns/{name}").st_ino:
+            flags |= flag
+    return flags
+
+
+def enter(jail: Jail, ns_pidfd: int, namespaces: int) -> None:  # pragma: no cover - runs in the launcher
+    """Join the container's user and pid namespaces (and `namespaces`), lock the tree, become the caller.
 
     Afterwards the process holds CAP_SYS_ADMIN (and only that, also across exec, as an ambient
     capability) in the container's user namespace; its children are in the container's pid
     namespace.
     """
-    s.setns(ns_pidfd, s.CLONE_NEWUSER | s.CLONE_NEWPID)
+    s.setns(ns_pidfd, s.CLONE_NEWUSER | s.CLONE_NEWPID | namespaces)
     s.unshare(s.CLONE_NEWNS)  # owned by the container's user namespace: every mount is locked
     for cap in prctl.ALL_CAPS:
         if cap != prctl.CAP_SYS_ADMIN:

@@ -136,7 +136,9 @@ def test_daemon_is_the_hosts_program_with_a_clean_environment_and_no_privilege(
     # launcher, so compare with the container's init itself.
     init = next(p for p, name in descendants(proc.pid) if name == "mw-init")
     assert os.readlink(f"/proc/{pid}/ns/user") == os.readlink(f"/proc/{init}/ns/user")
-    assert os.readlink(f"/proc/{pid}/ns/pid") == os.readlink(f"/proc/{init}/ns/pid")
+    for ns in ("pid", "net", "uts", "ipc"):  # the container's network too: no host sockets
+        assert os.readlink(f"/proc/{pid}/ns/{ns}") == os.readlink(f"/proc/{init}/ns/{ns}"), ns
+    assert os.getsid(pid) == pid  # a session of its own: no terminal of the operator's
     assert os.readlink(f"/proc/{pid}/ns/mnt") not in (
         os.readlink(f"/proc/{init}/ns/mnt"),
         os.readlink("/proc/self/ns/mnt"),
