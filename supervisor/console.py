@@ -27,6 +27,8 @@ import tty
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import prctl
+
 _CHUNK: Final = 65536
 _WINSIZE: Final = 8  # struct winsize
 
@@ -105,8 +107,6 @@ def _copy_size(master: int) -> None:
 
 def _relay(pairs: list[tuple[int, int]], keep: set[int], parent: int, master: int) -> None:  # pragma: no cover
     """Copy each pair's bytes until every output source is at its end, then exit."""
-    import prctl  # type: ignore[import-untyped]
-
     prctl.set_pdeathsig(signal.SIGKILL)
     if os.getppid() != parent:
         os._exit(0)

@@ -35,7 +35,7 @@ import termios
 from dataclasses import dataclass, field
 from typing import Any, Final, NoReturn
 
-import prctl  # type: ignore[import-untyped]
+import prctl
 
 from . import cgroup, fdops
 from . import syscalls as s
@@ -393,7 +393,7 @@ def _own_pty() -> int:  # pragma: no cover - runs in the init
 
 def _loopback_up() -> None:  # pragma: no cover - runs in the init
     """The new network namespace has only `lo`, down; bring it up so local services work inside."""
-    from pyroute2 import IPRoute  # type: ignore[import-untyped]  # only the init needs netlink
+    from pyroute2 import IPRoute
 
     with IPRoute() as ip:
         ip.link("set", index=ip.link_lookup(ifname="lo")[0], state="up")

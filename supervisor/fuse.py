@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-import prctl  # type: ignore[import-untyped]  # python-prctl ships no type hints
+import prctl
 
 from . import fuse_jail
 from . import syscalls as s

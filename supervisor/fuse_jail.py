@@ -22,7 +22,7 @@ import stat
 from dataclasses import dataclass
 from typing import Final
 
-import prctl  # type: ignore[import-untyped]  # python-prctl ships no type hints
+import prctl
 
 from . import syscalls as s
 

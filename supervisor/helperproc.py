@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
-import prctl  # type: ignore[import-untyped]  # python-prctl ships no type hints
+import prctl
 
 from .errors import KernelError
 

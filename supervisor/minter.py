@@ -18,7 +18,7 @@ import os
 import stat
 from typing import Any, Final
 
-import prctl  # type: ignore[import-untyped]  # python-prctl ships no type hints
+import prctl
 
 from . import mounting
 from . import syscalls as s

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 
-import prctl  # type: ignore[import-untyped]  # python-prctl ships no type hints
+import prctl
 
 from . import fdops, minter
 from . import syscalls as s
