@@ -7,6 +7,8 @@ for the hole and a suggested fix).
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 from conftest import calls, run_container, write_policy
@@ -87,3 +89,48 @@ def test_nested_user_namespace_of_a_container_user_gets_no_superblock(
     assert run.stdout.splitlines() == ["OK", "EPERM"], run.stdout + run.stderr
     (decision,) = run.decisions("mount")
     assert "rule" not in decision and "host_loop" not in decision, decision
+
+
+def test_superblock_remount_cannot_strip_forced_flags_of_a_fuse_mount(
+    tmp_path: Path, workdir: Path, mountcall: Path, images: dict[str, Path]
+) -> None:
+    """Hole: a superblock remount (MS_REMOUNT without MS_BIND) of a path that is not one of the
+    supervisor's mounts is CONTINUEd, and the kernel then walks the path again. The handler
+    assumes the supervisor's superblocks belong to the host, so a swapped path cannot reach
+    them; but a FUSE mount's superblock belongs to the container's user namespace (the daemon
+    runs there), so the kernel lets the container's root reconfigure it, and do_remount then
+    sets the mount's flags to exactly those of the call: nosuid, nodev and the rule's noexec
+    are gone from the mount the supervisor attached. A child swaps the parent directories
+    (RENAME_EXCHANGE) while the caller loops: the supervisor judges the plain directory, the
+    kernel remounts the FUSE mount (hundreds of times in 3000 calls here). The FUSE superblock
+    is SB_I_NODEV, so nodev still holds in effect; nosuid and noexec do not (a set-uid file of
+    an image owned by the container's root runs as that root for any container user).
+
+    Fix: never CONTINUE a remount the supervisor resolved: serve it on the fd it resolved
+    (the helper, as the container's root, fspick(fd, "", FSPICK_EMPTY_PATH) + reconfigure,
+    then mount_setattr with the forced flags of the record or nosuid,nodev), or refuse
+    superblock remounts of mounts that are not records with EPERM.
+    """
+    policy = write_policy(
+        tmp_path / "p.yaml",
+        [{"name": "fuse-noexec", "match": {"source": "/**"}, "action": "fuse", "options": ["noexec"]}],
+    )
+    race = workdir / f"remount-race-{tmp_path.name}"
+    for d in ("x/m", "y/m"):
+        (race / d).mkdir(parents=True)
+    for path in (race, race / "x", race / "y", race / "x/m", race / "y/m"):
+        os.chown(path, 100000, 100000)  # the container's root
+    try:
+        script = (
+            f"{mountcall} mount {images['ext4']} {race}/x/m ext4 ro && "
+            f"{mountcall} remount-race {race}/x/m remount,ro {race}/x {race}/y 3000; "
+            "grep ' - fuse' /proc/self/mountinfo"
+        )
+        run = run_container(tmp_path, ["/bin/sh", "-c", script], policy=policy)
+        lines = run.stdout.splitlines()
+        assert lines[0] == "OK", run.stdout + run.stderr
+        (fuse_line,) = [line for line in lines if f" {race}/" in line]
+        options = set(fuse_line.split()[5].split(","))
+        assert {"nosuid", "nodev", "noexec"} <= options, f"{lines[1]}; the FUSE mount now shows {fuse_line}"
+    finally:
+        shutil.rmtree(race, ignore_errors=True)
