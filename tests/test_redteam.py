@@ -134,3 +134,39 @@ def test_superblock_remount_cannot_strip_forced_flags_of_a_fuse_mount(
         assert {"nosuid", "nodev", "noexec"} <= options, f"{lines[1]}; the FUSE mount now shows {fuse_line}"
     finally:
         shutil.rmtree(race, ignore_errors=True)
+
+
+def test_internal_errors_cannot_flood_the_audit_log(
+    tmp_path: Path, workdir: Path, mountcall: Path, images: dict[str, Path], mnt: Path
+) -> None:
+    """Hole: the audit limiter bounds decision records only. A handler failure is also written
+    as an unbounded `handler-failed` record with its traceback (about 600 bytes), and the
+    container can cause one per call: after one FUSE mount it has /dev/fuse, runs fuse2fs on an
+    image of its own, and sends a loop ioctl on a file of that FUSE mount; the supervisor's
+    fstat of the taken fd is refused by FUSE (EACCES: another user namespace's connection), an
+    OSError, not a KernelError, so it is an "internal error" answered EIO. 2000 calls wrote
+    2000 tracebacks (1.2 MB) in well under a second; the limiter's 64 KiB per window never saw
+    them.
+
+    Fix: count handler-failed records through the session's AuditLimiter (or fold the
+    traceback into the decision record, which is limited); and turn an OSError from fstat of a
+    caller's fd into KernelError (ENOTTY: not a loop device), which is what the kernel says.
+    """
+    policy = write_policy(tmp_path / "p.yaml", [{"name": "fuse", "match": {"source": "/**"}, "action": "fuse"}])
+    own = workdir / f"own-{tmp_path.name}"
+    (own / "fm").mkdir(parents=True)
+    shutil.copy(images["ext4"], own / "own.ext4")
+    for path in (own, own / "fm", own / "own.ext4"):
+        os.chown(path, 100000, 100000)  # the container's root
+    try:
+        script = (
+            f"{mountcall} mount {images['ext4']} {mnt} ext4 ro && "  # gives the container /dev/fuse
+            f"fuse2fs -o ro,fakeroot {own}/own.ext4 {own}/fm && "
+            f"{mountcall} repeat 2000 ioctl {own}/fm/pub.txt 0x4C00; umount {own}/fm; umount {mnt}"
+        )
+        run = run_container(tmp_path, ["/bin/sh", "-c", script], policy=policy)
+        assert "EIO 2000" in run.stdout or "ENOTTY 2000" in run.stdout, run.stdout + run.stderr
+        failures = [a for a in run.audit if a.get("event") == "handler-failed"]
+        assert len(failures) <= 50, f"{len(failures)} unlimited handler-failed records (one per call)"
+    finally:
+        shutil.rmtree(own, ignore_errors=True)
