@@ -806,6 +806,16 @@ static int cmd_remount_race(int argc, char **argv)
 	printf("OK remounted=%ld refused=%ld\n", ok, other);
 	return 0;
 }
+/* clone-rec PATH: like clone, with AT_RECURSIVE (the mounts below PATH come along). */
+static int cmd_clone_rec(int argc, char **argv)
+{
+	(void)argc;
+	long fd = syscall(428 /* open_tree */, AT_FDCWD, argv[0], 1 /* OPEN_TREE_CLONE */ | 0x8000 | O_CLOEXEC);
+	if (fd < 0)
+		return fail(errno);
+	rt_clone_fd = (int)fd;
+	return report(0);
+}
 /* ---- end of the red team block ---------------------------------------------------------------- */
 
 struct command {
@@ -898,6 +908,7 @@ static const struct command commands[] = {
 	{"enter-mnt", 1, 1, cmd_enter_mnt, "enter-mnt PID"},
 	{"clone", 1, 1, cmd_clone, "clone PATH"},
 	{"attach", 1, 1, cmd_attach, "attach PATH"},
+	{"clone-rec", 1, 1, cmd_clone_rec, "clone-rec PATH"},
 	{"remount-race", 5, 5, cmd_remount_race, "remount-race TGT FLAGS DIR_A DIR_B COUNT"},
 };
 #define N_COMMANDS (sizeof(commands) / sizeof(commands[0]))
