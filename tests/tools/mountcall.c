@@ -758,6 +758,66 @@ static int cmd_enter_mnt(int argc, char **argv)
 }
 /* ---- end of the FUSE daemon block ------------------------------------------------------------ */
 
+/* --- red team: a detached clone kept across commands of one seq ----------------------------- */
+static int rt_clone_fd = -1;
+
+/* clone PATH: open_tree(OPEN_TREE_CLONE) of the mount at PATH, kept for a later "attach". */
+static int cmd_clone(int argc, char **argv)
+{
+	(void)argc;
+	long fd = syscall(428 /* open_tree */, AT_FDCWD, argv[0], 1 /* OPEN_TREE_CLONE */ | O_CLOEXEC);
+	if (fd < 0)
+		return fail(errno);
+	rt_clone_fd = (int)fd;
+	return report(0);
+}
+
+/* attach PATH: move_mount the clone kept by "clone" onto PATH. */
+static int cmd_attach(int argc, char **argv)
+{
+	(void)argc;
+	long rc = syscall(429 /* move_mount */, rt_clone_fd, "", AT_FDCWD, argv[0], 4 /* MOVE_MOUNT_F_EMPTY_PATH */);
+	return report(rc);
+}
+/* remount-race TGT FLAGS DIR_A DIR_B COUNT: mount(NULL, TGT, NULL, FLAGS) COUNT times while a child
+ * swaps directories A and B (RENAME_EXCHANGE), so the path the supervisor judged is not the one the
+ * kernel then walks for a CONTINUEd superblock remount. */
+static int cmd_remount_race(int argc, char **argv)
+{
+	long count = strtol(argv[4], NULL, 10), ok = 0, other = 0;
+	unsigned long flags = parse_flags(argv[1], mount_flags);
+
+	(void)argc;
+	pid_t child = fork();
+	if (child < 0)
+		return fail(errno);
+	if (child == 0) {
+		for (;;)
+			syscall(SYS_renameat2, AT_FDCWD, argv[2], AT_FDCWD, argv[3], 2 /* RENAME_EXCHANGE */);
+	}
+	for (long i = 0; i < count; i++) {
+		if (mount(NULL, argv[0], NULL, flags, NULL) == 0)
+			ok++;
+		else
+			other++;
+	}
+	kill(child, SIGKILL);
+	waitpid(child, NULL, 0);
+	printf("OK remounted=%ld refused=%ld\n", ok, other);
+	return 0;
+}
+/* clone-rec PATH: like clone, with AT_RECURSIVE (the mounts below PATH come along). */
+static int cmd_clone_rec(int argc, char **argv)
+{
+	(void)argc;
+	long fd = syscall(428 /* open_tree */, AT_FDCWD, argv[0], 1 /* OPEN_TREE_CLONE */ | 0x8000 | O_CLOEXEC);
+	if (fd < 0)
+		return fail(errno);
+	rt_clone_fd = (int)fd;
+	return report(0);
+}
+/* ---- end of the red team block ---------------------------------------------------------------- */
+
 struct command {
 	const char *name;
 	int min_args;
@@ -846,6 +906,10 @@ static const struct command commands[] = {
 	{"connect-tcp", 1, 1, cmd_connect_tcp, "connect-tcp PORT"},
 	{"inject", 2, 8, cmd_inject, "inject PID NR [ARG...]"},
 	{"enter-mnt", 1, 1, cmd_enter_mnt, "enter-mnt PID"},
+	{"clone", 1, 1, cmd_clone, "clone PATH"},
+	{"attach", 1, 1, cmd_attach, "attach PATH"},
+	{"clone-rec", 1, 1, cmd_clone_rec, "clone-rec PATH"},
+	{"remount-race", 5, 5, cmd_remount_race, "remount-race TGT FLAGS DIR_A DIR_B COUNT"},
 };
 #define N_COMMANDS (sizeof(commands) / sizeof(commands[0]))
 
