@@ -22,6 +22,7 @@ import structlog
 
 AUDIT_EVENT: Final = "mount-decision"
 SUPPRESSED_EVENT: Final = "audit-suppressed"
+GRANTS: Final = frozenset({"kernel", "fuse", "remount", "unmount"})  # actions that made or undid a mount
 RECORD_OVERHEAD: Final = 160  # bytes structlog adds to a record: timestamp, level, event, container
 MAX_PIDS: Final = 8  # pids named per summary: enough to find the culprit, bounded whatever the flood
 
@@ -101,9 +102,12 @@ class AuditLimiter:
         self.tick()
         kind: Kind = (str(fields.get("syscall")), str(fields.get("result")), str(fields.get("action")))
         size = RECORD_OVERHEAD + len(json.dumps(fields, default=str))
-        if self._written.get(kind, 0) < self.limits.per_kind and self._bytes + size <= self.limits.max_bytes:
+        # A grant (a mount made, an unmount done) costs the container real kernel work and keeps
+        # its own count; a flood of cheap failures must not use up the room its record needs.
+        grant = fields.get("result") == "OK" and fields.get("action") in GRANTS
+        if self._written.get(kind, 0) < self.limits.per_kind and (grant or self._bytes + size <= self.limits.max_bytes):
             self._written[kind] = self._written.get(kind, 0) + 1
-            self._bytes += size
+            self._bytes += 0 if grant else size
             self.log.info(AUDIT_EVENT, **fields)
             if secret:
                 self.log.debug("mount-decision-data", pid=fields.get("pid"), **secret)

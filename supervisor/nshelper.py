@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 
@@ -71,6 +72,26 @@ class SetAttr:
 
 
 @dataclass(frozen=True)
+class Reconfigure:
+    """Remount the mount fds[0] refers to, with the container root's own credentials (fds[1] is
+    its user namespace): for mounts that are not the supervisor's.
+
+    On the fd the supervisor resolved, never a path walked again: a remount the kernel re-walked
+    could meet a mount the container owns the superblock of (a FUSE mount the supervisor
+    attached) and take its forced flags. `superblock` reconfigures the filesystem as well
+    (MS_REMOUNT without MS_BIND); the per-mount flags are then set as the kernel's remount sets them.
+    """
+
+    op: ClassVar[str] = "reconfigure"
+    superblock: bool
+    read_only: bool
+    sb_flags: list[str]
+    fs_options: list[str]
+    attr_set: int
+    attr_clr: int
+
+
+@dataclass(frozen=True)
 class CloneViews:
     """Detached copies of the mounts at `paths` under fds[0] (the container's root), in order.
 
@@ -83,7 +104,7 @@ class CloneViews:
     paths: list[str]
 
 
-Request = Mount | Unmount | SetAttr | CloneViews
+Request = Mount | Unmount | SetAttr | Reconfigure | CloneViews
 
 
 class NsHelper:
@@ -170,6 +191,37 @@ def _umount(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  # 
     """umount2 in a child that is root of the container's user namespace (fds[0]), nothing more."""
     (userns_fd,) = fds
     path, flags = str(req["path"]), int(req["flags"])
+    _as_container_root(userns_fd, lambda: s.umount2(path, flags | s.UMOUNT_NOFOLLOW), "unmount", path)
+    return {}, []
+
+
+def _reconfigure(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  # pragma: no cover - in helper
+    mnt_fd, userns_fd = fds
+
+    def remount() -> None:
+        if req["superblock"]:
+            fsfd = s.fspick(mnt_fd)
+            try:
+                s.fsconfig(fsfd, s.FSCONFIG_SET_FLAG, "ro" if req["read_only"] else "rw")
+                for flag in req["sb_flags"]:
+                    s.fsconfig(fsfd, s.FSCONFIG_SET_FLAG, flag)
+                for opt in req["fs_options"]:
+                    key, eq, value = str(opt).partition("=")
+                    s.fsconfig(fsfd, s.FSCONFIG_SET_STRING if eq else s.FSCONFIG_SET_FLAG, key, value if eq else None)
+                s.fsconfig(fsfd, s.FSCONFIG_CMD_RECONFIGURE)
+            finally:
+                os.close(fsfd)
+        s.mount_setattr(mnt_fd, req["attr_set"], req["attr_clr"])
+
+    _as_container_root(userns_fd, remount, "remount")
+    return {}, []
+
+
+def _as_container_root(
+    userns_fd: int, action: Callable[[], object], what: str, path: str | None = None
+) -> None:  # pragma: no cover - in the helper
+    """Run `action` in a child that is root of the container's user namespace and nothing more,
+    so the kernel judges it exactly as the container's own call; its errno becomes ours."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -180,7 +232,7 @@ def _umount(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  # 
             os.setgroups([])
             os.setresgid(0, 0, 0)
             os.setresuid(0, 0, 0)
-            s.umount2(path, flags | s.UMOUNT_NOFOLLOW)
+            action()
         except OSError as exc:
             err = exc.errno or errno.EIO
         finally:
@@ -194,8 +246,7 @@ def _umount(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  # 
         os.waitpid(pid, 0)
     err = int.from_bytes(data, "little") if len(data) == 4 else errno.EIO
     if err:
-        raise KernelError(err, "the kernel refused the unmount", path)
-    return {}, []
+        raise KernelError(err, f"the kernel refused the {what}", path)
 
 
 def _setattr(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  # pragma: no cover - in the helper
@@ -223,5 +274,6 @@ def _clone_views(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]
 
 
 _OPS: Final = {
-    Mount.op: _attach, Unmount.op: _umount, SetAttr.op: _setattr, CloneViews.op: _clone_views,
+    Mount.op: _attach, Unmount.op: _umount, SetAttr.op: _setattr, Reconfigure.op: _reconfigure,
+    CloneViews.op: _clone_views,
 }  # fmt: skip

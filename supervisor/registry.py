@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import os
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Final
 from .errors import KernelError
 from .loop.abi import COMPAT32, NATIVE64, Layouts
 from .seccomp.notify import Notification, Response
-from .target import Target
+from .target import CAP_SYS_ADMIN, Target
 
 if TYPE_CHECKING:
     from .session import Session
@@ -74,6 +75,20 @@ class Call:
     notif: Notification
     target: Target
     audit: dict[str, Any] = field(default_factory=dict)
+
+    def require_admin(self, doing: str) -> None:
+        """EPERM unless the caller may do mount work in the container's own mount namespace.
+
+        The supervisor acts only there, so the caller must be in it (a mount namespace the
+        container made of its own is not served: a user who unshares one owns it, but owns
+        nothing of the container's) and hold CAP_SYS_ADMIN over it, as the kernel would ask.
+        """
+        t = self.target
+        st = os.fstat(t.mntns)
+        if (st.st_dev, st.st_ino) != self.session.mntns:
+            raise KernelError(errno.EPERM, f"{doing} is served only in the container's own mount namespace")
+        if not t.creds or not t.creds.has_cap(CAP_SYS_ADMIN):
+            raise KernelError(errno.EPERM, f"{doing} needs CAP_SYS_ADMIN in the container")
 
 
 Handler = Callable[[Call], Response]

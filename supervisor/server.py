@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import select
 import time
+import traceback
 from typing import Any
 
 from .errors import KernelError, errno_name
@@ -48,8 +49,9 @@ def serve_one(session: Session, listener: int | None = None) -> None:
         response = notify.Response.errno(notif.id, exc.errno or errno.EIO)
         error = str(exc)
     except Exception as exc:  # a bug: answer EIO and say so, never leave the caller hanging
+        # In the decision record, so the flood control counts it like any other (no log of its own).
         error = f"internal error: {exc!r}"
-        session.log.exception("handler-failed", syscall=name)
+        audit["traceback"] = traceback.format_exc(limit=-8)
     finally:
         delivered = notify.send(fd, response)
         _emit(session, audit, response, error, delivered, started)

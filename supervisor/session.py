@@ -67,6 +67,7 @@ class Session:
     helper: NsHelper | None = None
     pool: LoopPool | None = None
     userns_fd: int = -1
+    mntns: tuple[int, int] = (-1, -1)  # the container's mount namespace (st_dev, st_ino): the only one served
     learned: list[MountRequest] | None = None  # learn mode: every image mount requested
     info: ContainerInfo = field(default_factory=ContainerInfo)  # what policy selectors see
     owner: tuple[int, int] = (0, 0)  # host uid and gid of the container's root
@@ -94,6 +95,8 @@ class Session:
         self.tree_at_start = Tree.take(self.init_pid)
         self.helper = NsHelper.start(self.pidfd)
         self.userns_fd = os.open(f"/proc/{self.init_pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        mntns = os.stat(f"/proc/{self.init_pid}/ns/mnt")
+        self.mntns = (mntns.st_dev, mntns.st_ino)
         # The pool works in private copies of these mounts: a dirfd on the container's own
         # mount would still walk into binds the container puts over names below it.
         root = os.open(f"/proc/{self.init_pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -75,6 +75,9 @@ UMOUNT_NOFOLLOW: Final = 8
 FSCONFIG_SET_FLAG: Final = 0
 FSCONFIG_SET_STRING: Final = 1
 FSCONFIG_CMD_CREATE: Final = 6
+FSCONFIG_CMD_RECONFIGURE: Final = 7
+FSPICK_CLOEXEC: Final = 1
+FSPICK_EMPTY_PATH: Final = 8
 FSOPEN_CLOEXEC: Final = 1
 FSMOUNT_CLOEXEC: Final = 1
 MOUNT_ATTR_RDONLY: Final = 0x1
@@ -162,6 +165,11 @@ def pidfd_getfd(pidfd: int, targetfd: int) -> int:
 
 def fsopen(fstype: str) -> int:
     return _syscall(NR_FSOPEN, _enc(fstype), FSOPEN_CLOEXEC, what="fsopen", path=fstype)
+
+
+def fspick(fd: int) -> int:
+    """An fs context to reconfigure the superblock of the mount whose root `fd` is (EINVAL elsewhere)."""
+    return _syscall(NR_FSPICK, fd, b"", FSPICK_CLOEXEC | FSPICK_EMPTY_PATH, what="fspick")
 
 
 def fsconfig(fsfd: int, cmd: int, key: str | None = None, value: str | None = None) -> None:

@@ -92,6 +92,8 @@ def handle(call: Call) -> Response:
     ours = t.take_fd(fd)
     try:
         st, flags = os.fstat(ours), fcntl.fcntl(ours, fcntl.F_GETFL)
+    except OSError:  # a file of a FUSE mount of the container's own refuses us (EACCES): not a loop device
+        raise KernelError(errno.ENOTTY, "not a loop device") from None
     finally:
         os.close(ours)
     t.check()

@@ -33,14 +33,14 @@ from .. import syscalls as s
 from ..errors import KernelError
 from ..loop.abi import LO_FLAGS_AUTOCLEAR
 from ..loop.pool import BindRequest, LoopPool, Slot
-from ..nshelper import Mount, SetAttr
+from ..nshelper import Mount, Reconfigure, SetAttr
 from ..paths import Resolved
 from ..policy import Decision, MountRequest, Policy, SourceOrigin
 from ..probe import kernel_driver, probe_fd
 from ..registry import Call
 from ..seccomp.notify import Response
 from ..session import MountRecord
-from ..target import CAP_SYS_ADMIN, Target
+from ..target import Target
 
 USERNS_FILESYSTEMS: Final = frozenset(
     {"tmpfs", "ramfs", "proc", "sysfs", "devpts", "mqueue", "cgroup", "cgroup2", "overlay", "fuse", "binfmt_misc"}
@@ -71,8 +71,7 @@ def handle(call: Call) -> Response:
     if fstype and (fstype in USERNS_FILESYSTEMS or fstype.startswith("fuse.")) and not flags & s.MS_REMOUNT:
         call.audit.update(action="kernel-native", rule="userns-filesystem")
         return Response.continue_(call.notif.id)
-    if not t.creds or not t.creds.has_cap(CAP_SYS_ADMIN):
-        raise KernelError(errno.EPERM, "mounting needs CAP_SYS_ADMIN in the container")
+    call.require_admin("mounting")
     opts = mountopts.parse(flags, data)
     if flags & s.MS_REMOUNT:
         return _remount(call, target, flags, opts)
@@ -330,11 +329,6 @@ def _remount(call: Call, target: str, flags: int, opts: mountopts.MountOptions) 
     with t.resolve(target) as where:
         record = session.record_for_dev(where.st.st_dev)
         call.audit.update(target=where.path, remount="bind" if flags & s.MS_BIND else "superblock")
-        if record is None and not flags & s.MS_BIND:
-            # Superblock remounts need rights over the superblock, which the kernel checks; the
-            # supervisor's superblocks belong to the host, so a swapped path cannot reach them.
-            call.audit.update(action="kernel-native", rule="foreign-superblock")
-            return Response.continue_(call.notif.id)
         forced = ("nosuid", "nodev", *(record.forced if record else ()))
         if record is not None and not flags & s.MS_BIND:
             if record.read_only and not opts.read_only:
@@ -347,5 +341,12 @@ def _remount(call: Call, target: str, flags: int, opts: mountopts.MountOptions) 
         attr_clr = _PER_MOUNT & ~attr_set
         if not final.attrs & {"noatime", "strictatime", "relatime", "nodiratime"}:
             attr_clr &= ~(s.MOUNT_ATTR__ATIME | s.MOUNT_ATTR_NODIRATIME)  # MS_REMOUNT keeps atime flags unless given
-        session.nshelper().call(SetAttr(attr_set, attr_clr), (where.fd,))
+        if record is None:  # the container's own mount: changed with its own rights, on our fd
+            superblock = not flags & s.MS_BIND
+            request = Reconfigure(
+                superblock, final.read_only, list(final.sb_flags), list(final.fs_options), attr_set, attr_clr
+            )
+            session.nshelper().call(request, (where.fd, session.userns_fd))
+        else:
+            session.nshelper().call(SetAttr(attr_set, attr_clr), (where.fd,))
     return Response.success(call.notif.id)

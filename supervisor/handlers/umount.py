@@ -20,7 +20,6 @@ from ..errors import KernelError
 from ..nshelper import Unmount
 from ..registry import Call
 from ..seccomp.notify import Response
-from ..target import CAP_SYS_ADMIN
 
 _KNOWN_FLAGS = s.MNT_FORCE | s.MNT_DETACH | s.MNT_EXPIRE | s.UMOUNT_NOFOLLOW
 
@@ -55,8 +54,7 @@ def _umount(call: Call, flags: int) -> Response:
     if record is None or ino != record.root_ino:
         call.audit.update(action="kernel-native")
         return Response.continue_(call.notif.id)
-    if not t.creds or not t.creds.has_cap(CAP_SYS_ADMIN):
-        raise KernelError(errno.EPERM, "unmounting needs CAP_SYS_ADMIN in the container")
+    call.require_admin("unmounting")
     call.audit.update(target=canonical, action="unmount", source=record.source, loop=f"/dev/loop{record.loop}")
     ns_path = posixpath.join(t.root_path, canonical.lstrip("/"))
     session = call.session
