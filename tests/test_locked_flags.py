@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import descendants, mountwarden, read_audit, write_policy
+from conftest import descendants, mountwarden, read_audit, run_container, write_policy
 
 from supervisor import mountinfo, stager
 
@@ -201,3 +201,16 @@ def test_plan_refuses_mounts_without_a_staging_original() -> None:
     elsewhere = {71: _mount(71, 1, "/sub", "/x", "shared:7")}
     assert "no staging original" in str(stager.plan(outside, elsewhere, 10, "/mnt", st))
     assert "not in the container" in str(stager.plan({}, {}, 10, "/mnt", st))
+
+
+def test_a_rootfs_container_gets_locked_mounts_too(tmp_path: Path, rootfs: Path) -> None:
+    """With --rootfs the init binds the staged root again and pivots: its copies stay slaves of staging."""
+    script = [
+        "/bin/sh", "-c",
+        "mountcall mount /img/data.ext4 /mnt ext4 ro; grep -c ' /mnt .* master:' /proc/self/mountinfo; "
+        "mountcall umount /mnt",
+    ]  # fmt: skip
+    run = run_container(tmp_path, script, policy=_policy(tmp_path), rootfs=rootfs)
+    assert run.stdout.split() == ["OK", "1", "OK"], run.stderr
+    mount, umount = run.decisions("mount")[-1], run.decisions("umount2")[-1]
+    assert mount["flags_locked"] is True and umount["action"] == "unmount", (mount, umount)
