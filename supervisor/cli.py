@@ -270,7 +270,7 @@ def _supervise(spec: Spec, policy_paths: list[str], policy: Policy, learn: str |
                 container.signal(signo)
 
     try:
-        session.start((spec.uids.start, spec.gids.start), container.cgroups)
+        session.start((spec.uids.start, spec.gids.start), container.cgroups, staging_pid=container.pid)
         container.go()
         run_until_exit(session, container.pidfd, {sigfd: on_signal})
     except BaseException:

@@ -410,6 +410,10 @@ def _stage(spec: Spec) -> int:  # pragma: no cover - runs in the waiter
     Everything mounted here is copied into the container's mount namespace when its init
     creates it from inside the new user namespace, and the kernel locks such copies. Every
     mount point is reached through fds resolved beneath the root (see _ROOTFS_RESOLVE).
+    The tree is cut off from the host's (private) before anything is mounted, then made
+    shared: the init's copy has each mount as a slave of its staging original, so a mount
+    the stager later attaches here reaches the container with its flags locked (stager.py),
+    and nothing reaches the host or another container's staging namespace.
     Returns an fd on the directory the container's /proc goes on.
     """
     s.unshare(s.CLONE_NEWNS)
@@ -434,6 +438,7 @@ def _stage(spec: Spec) -> int:  # pragma: no cover - runs in the waiter
             with contextlib.suppress(FileNotFoundError):
                 path = _hold(fds, _beneath(sysfs, view, _ROOTFS_RESOLVE))
                 s.mount("tmpfs", _at(path), "tmpfs", s.MS_NOSUID | s.MS_NODEV | s.MS_NOEXEC, "mode=755,size=1m")
+        s.mount(None, "/", None, s.MS_REC | s.MS_SHARED)
         return proc
 
 

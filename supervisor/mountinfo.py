@@ -31,6 +31,7 @@ class Mount:
     options: str
     fstype: str
     source: str
+    tags: tuple[str, ...] = ()  # the optional fields: shared:N, master:N, propagate_from:N, unbindable
 
 
 def unescape(field: str) -> str:
@@ -48,7 +49,7 @@ def parse(text: str) -> dict[int, Mount]:
             major, minor = fields[2].split(":")
             mount = Mount(
                 int(fields[0]), int(fields[1]), os.makedev(int(major), int(minor)), unescape(fields[3]),
-                unescape(fields[4]), fields[5], fields[sep + 1], unescape(fields[sep + 2]),
+                unescape(fields[4]), fields[5], fields[sep + 1], unescape(fields[sep + 2]), tuple(fields[6:sep]),
             )  # fmt: skip
         except (ValueError, IndexError):
             raise KernelError(errno.EIO, f"cannot parse the mountinfo line {line!r}") from None

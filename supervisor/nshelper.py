@@ -6,8 +6,10 @@ forked once when its session starts (no fork or exec per request). It is host ro
 container's mount namespace with CAP_SYS_ADMIN only: it never resolves a path the container
 gave with host credentials (it works on fds the supervisor resolved; an unmount, which only a
 path can name, runs as the container's root), and it never makes a superblock (the minter
-does, from the host device itself). Before the container's command runs it hands the
-supervisor private copies of the container's /dev and /sys views (`CloneViews`).
+does, from the host device itself). For `run`'s containers the stager attaches a mount in the
+staging namespace instead, where the target allows (see stager.py). Before the container's
+command runs the helper hands the supervisor private copies of the container's /dev and /sys
+views (`CloneViews`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any, ClassVar, Final
 
 import prctl
 
-from . import fdops, minter
+from . import fdops, minter, stager
 from . import syscalls as s
 from .errors import KernelError
 from .helperproc import HelperProcess, Reply
@@ -110,24 +112,29 @@ Request = Mount | Unmount | SetAttr | Reconfigure | CloneViews
 class NsHelper:
     """Client side of the namespace helper and of the minter that makes its superblocks."""
 
-    def __init__(self, helper: HelperProcess, minter: HelperProcess) -> None:
-        self.helper, self.minter = helper, minter
+    def __init__(self, helper: HelperProcess, minter: HelperProcess, stager_: HelperProcess | None = None) -> None:
+        self.helper, self.minter, self.stager = helper, minter, stager_
 
     @property
     def pid(self) -> int:
         return self.helper.pid
 
     @classmethod
-    def start(cls, pidfd: int) -> NsHelper:
-        """Fork the minter, and the helper moved into the mount namespace of the task behind `pidfd`."""
-        minter_ = minter.start()
+    def start(cls, pidfd: int, staging_pidfd: int = -1) -> NsHelper:
+        """Fork the minter, the helper moved into the mount namespace of the task behind `pidfd`,
+        and, given `staging_pidfd` (the waiter of `run`), the stager in the staging namespace."""
+        started: list[HelperProcess] = []
         try:
+            started.append(minter.start())
             caps = (prctl.CAP_SYS_ADMIN, prctl.CAP_SETUID, prctl.CAP_SETGID)
-            helper = HelperProcess.spawn("mw-nshelper", caps, lambda: _enter(pidfd), _OPS, keep=(pidfd,))
+            started.append(HelperProcess.spawn("mw-nshelper", caps, lambda: _enter(pidfd), _OPS, keep=(pidfd,)))
+            if staging_pidfd >= 0:
+                started.append(stager.start(staging_pidfd))
         except BaseException:
-            minter_.close()
+            for proc in started:
+                proc.close()
             raise
-        return cls(helper, minter_)
+        return cls(started[1], started[0], started[2] if len(started) > 2 else None)
 
     def call(self, request: Request, fds: tuple[int, ...] = ()) -> dict[str, Any]:
         """Send one request and wait for its reply; the reply's fields, or KernelError."""
@@ -136,17 +143,33 @@ class NsHelper:
             os.close(fd)
         return reply
 
-    def mount(self, request: Mount, target_fd: int, userns_fd: int) -> dict[str, Any]:
-        """Mint the superblock from the host device, then idmap and attach it on `target_fd`."""
+    def mount(
+        self, request: Mount, target_fd: int, userns_fd: int, staged: stager.Plan | None = None
+    ) -> dict[str, Any]:
+        """Mint the superblock from the host device, then idmap and attach it on `target_fd`.
+
+        With `staged`, the stager attaches it in the staging namespace instead, and the reply's
+        `staged` names the staging mount (to `release` later).
+        """
         minted, got = self.minter.call({"op": "mint", **dataclasses.asdict(request)})
         try:
             if len(got) != 1:
                 raise KernelError(errno.EIO, "the minter sent no mount")
-            attached = self.call(request, (got[0], target_fd, userns_fd))
+            if staged is None:
+                attached = self.call(request, (got[0], target_fd, userns_fd))
+            else:
+                assert self.stager is not None
+                fields = {"idmap": request.idmap, **dataclasses.asdict(staged)}
+                attached, _ = self.stager.call({"op": "attach", **fields}, (got[0], userns_fd))
         finally:
             for fd in got:
                 os.close(fd)
         return {**minted, **attached}
+
+    def release(self, staged: int) -> None:
+        """Detach the staging mount `staged`, with whatever copies of it are left in place."""
+        if self.stager is not None:
+            self.stager.call({"op": "release", "staged": staged})
 
     def clone_views(self, root_fd: int, paths: list[str]) -> dict[str, int]:
         """Private detached copies of the container's mounts at `paths`; absent ones are left out."""
@@ -162,6 +185,8 @@ class NsHelper:
         """Stop both; the helper's exit drops the last hold on the container's mount namespace."""
         self.helper.close(timeout)
         self.minter.close(timeout)
+        if self.stager is not None:
+            self.stager.close(timeout)
 
 
 def _enter(pidfd: int) -> None:  # pragma: no cover - runs in the helper process
@@ -171,20 +196,9 @@ def _enter(pidfd: int) -> None:  # pragma: no cover - runs in the helper process
 
 def _attach(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  # pragma: no cover - in the helper
     mnt_fd, target_fd, userns_fd = fds
-    idmapped = req["idmap"] and _idmap(mnt_fd, userns_fd)
+    idmapped = req["idmap"] and stager.idmap(mnt_fd, userns_fd)
     s.move_mount(mnt_fd, target_fd)
     return {"idmapped": idmapped}, []
-
-
-def _idmap(mnt_fd: int, userns_fd: int) -> bool:
-    """Idmap the detached mount; False where the filesystem does not support idmapped mounts."""
-    try:
-        s.mount_setattr(mnt_fd, s.MOUNT_ATTR_IDMAP, 0, userns_fd)
-    except KernelError as exc:
-        if exc.errno == errno.EINVAL:  # the filesystem lacks FS_ALLOW_IDMAP
-            return False
-        raise
-    return True
 
 
 def _umount(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  # pragma: no cover - in the helper
@@ -250,8 +264,32 @@ def _as_container_root(
 
 
 def _setattr(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  # pragma: no cover - in the helper
-    s.mount_setattr(fds[0], req["attr_set"], req["attr_clr"])
+    """mount_setattr; a read-only flag the kernel locked stays, as the read-only superblock under it does.
+
+    The kernel locks the flags a mount had when it propagated in from staging (stager.py),
+    against host root too: ro when the superblock is read-only (mountopts sets both), nosuid,
+    nodev, noexec, and the atime mode. A bind-remount that only drops ro keeps working (the
+    superblock stays read-only either way); clearing any other locked flag is refused.
+    """
+    attr_set, attr_clr = int(req["attr_set"]), int(req["attr_clr"])
+    try:
+        s.mount_setattr(fds[0], attr_set, attr_clr)
+    except KernelError as exc:
+        if exc.errno != errno.EPERM:
+            raise
+        if not attr_clr & s.MOUNT_ATTR_RDONLY:
+            raise KernelError(errno.EPERM, _LOCKED) from None
+        try:
+            s.mount_setattr(fds[0], attr_set, attr_clr & ~s.MOUNT_ATTR_RDONLY)
+        except KernelError:
+            raise KernelError(errno.EPERM, _LOCKED) from None
     return {}, []
+
+
+_LOCKED: Final = (
+    "the kernel locked this mount's flags (it reached the container from mountwarden's staging namespace): "
+    "nosuid, nodev, noexec and ro given at mount time, and its atime mode, stay as they are"
+)
 
 
 def _clone_views(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  # pragma: no cover - in the helper

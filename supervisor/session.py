@@ -10,6 +10,7 @@ signal, the container's namespaces die with it, and autoclear detaches the loop 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 from collections.abc import Callable, Sequence
@@ -49,6 +50,7 @@ class MountRecord:
     forced: tuple[str, ...]
     rule: str | None
     slot: int = -1  # the container's own number for the loop device
+    staged: int = -1  # the staging original the container's mount propagated from (stager.py)
 
 
 @dataclass
@@ -74,6 +76,7 @@ class Session:
     cgroup_paths: list[str] = field(default_factory=list)
     daemons: dict[int, FuseDaemon] = field(default_factory=dict)  # mount id -> the FUSE daemon serving it
     tree_at_start: Tree | None = None  # mounts before the command ran: what "the host's file" means
+    staging_pid: int = -1  # the waiter of `run`, in whose mount namespace the stager attaches
     closed: bool = False
     _dirs: list[int] = field(default_factory=list)
     audit: AuditLimiter = field(init=False)  # the container's share of the audit log
@@ -81,10 +84,12 @@ class Session:
     def __post_init__(self) -> None:
         self.audit = AuditLimiter(self.log)
 
-    def start(self, owner: tuple[int, int], cgroups: Sequence[DeviceCgroup]) -> Session:
+    def start(self, owner: tuple[int, int], cgroups: Sequence[DeviceCgroup], staging_pid: int = -1) -> Session:
         """Pin the container's init, start the helper in its mount namespace, set up its loop pool.
 
         `owner` is the host uid and gid of the container's root; the pool's nodes belong to it.
+        `staging_pid` is `run`'s waiter (a child of ours, so the pid is stable until we reap
+        it): the stager joins its mount namespace, where mounts get locked flags (stager.py).
         Call before the container's command runs: the directories are opened now, while they
         are certainly the ones made for the container.
         """
@@ -93,7 +98,13 @@ class Session:
         notify.set_sync_wakeup(self.listener)
         self.pidfd = pidfd_open(self.init_pid)
         self.tree_at_start = Tree.take(self.init_pid)
-        self.helper = NsHelper.start(self.pidfd)
+        staging = pidfd_open(staging_pid) if staging_pid > 0 else -1
+        try:
+            self.helper = NsHelper.start(self.pidfd, staging)
+        finally:
+            if staging >= 0:
+                os.close(staging)
+        self.staging_pid = staging_pid
         self.userns_fd = os.open(f"/proc/{self.init_pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
         mntns = os.stat(f"/proc/{self.init_pid}/ns/mnt")
         self.mntns = (mntns.st_dev, mntns.st_ino)
@@ -176,6 +187,10 @@ class Session:
             if dev in live:
                 continue
             self.mounts.pop(record.mnt_id, None)  # the original went with a parent (MNT_DETACH)
+            if record.staged >= 0 and self.helper is not None:
+                self.helper.release(record.staged)  # else the staging original holds the device
+                record = dataclasses.replace(record, staged=-1)
+                self.superblocks[dev] = record
             if record.loop >= 0 and self.pool is not None:
                 self.pool.last_use_ended(record.loop)
             if record.loop < 0 or self.pool is None or not self.pool.holds(record.loop):

@@ -28,7 +28,7 @@ import stat
 from dataclasses import dataclass
 from typing import Final
 
-from .. import fuse, fuse_jail, mountopts, origin
+from .. import fuse, fuse_jail, mountinfo, mountopts, origin, stager
 from .. import syscalls as s
 from ..errors import KernelError
 from ..loop.abi import LO_FLAGS_AUTOCLEAR
@@ -283,7 +283,7 @@ def _sealed_copy(fd: int, size: int, chunk: int = 1 << 20) -> tuple[int, str]:
 def _attach(
     call: Call, src: _Source, where: Resolved, fstype: str, opts: mountopts.MountOptions, decision: Decision
 ) -> MountRecord:
-    """Superblock on the slot's device, attached in the container by the helper; undone on failure."""
+    """Superblock on the slot's device, attached by the stager (flags locked) or the helper; undone on failure."""
     pool = _pool(call)
     slot = src.slot
     if slot is None:
@@ -297,7 +297,18 @@ def _attach(
             decision.idmap, kernel_driver(fstype), slot.number, device.rdev, opts.read_only,
             sorted(opts.attrs), list(opts.sb_flags), list(opts.fs_options),
         )  # fmt: skip
-        made = call.session.nshelper().mount(request, where.fd, call.session.userns_fd)
+        found = _staging_plan(call, where)
+        plan = found if isinstance(found, stager.Plan) else None
+        call.audit["flags_locked"] = plan is not None
+        if plan is None:
+            call.audit["flags_unlocked_because"] = found
+        made = call.session.nshelper().mount(request, where.fd, call.session.userns_fd, plan)
+        if plan is not None:  # the record names the copy the container sees, not the staging original
+            try:
+                made["mnt_id"] = stager.copy_in_container(mountinfo.read(call.target.proc), plan, made["dev"])
+            except BaseException:
+                call.session.nshelper().release(made["staged"])
+                raise
         call.audit["idmapped"] = made["idmapped"]
     except BaseException:
         if src.slot is None:
@@ -305,8 +316,33 @@ def _attach(
         raise
     return MountRecord(
         made["mnt_id"], made["dev"], made["root_ino"], src.policy_path, where.path, fstype, device.number,
-        opts.read_only, decision.options, decision.rule, slot=slot.number,
+        opts.read_only, decision.options, decision.rule, slot=slot.number, staged=made.get("staged", -1),
     )  # fmt: skip
+
+
+def _staging_plan(call: Call, where: Resolved) -> stager.Plan | str:
+    """Where the stager attaches for `where`, or why the helper attaches in the container instead."""
+    session = call.session
+    if session.staging_pid <= 0:
+        return "the container's namespaces were not made by mountwarden run"
+    if not _same_ns(call.target.mntns, session.init_pid):
+        return "the caller is in a mount namespace of the container's own"
+    # The caller's own mount table: its paths are relative to the caller's root, as `where.path` is.
+    here = mountinfo.read(call.target.proc)
+    return stager.plan(here, _staging_mounts(session.staging_pid), s.mount_id(where.fd), where.path, where.st)
+
+
+def _same_ns(ns_fd: int, pid: int) -> bool:
+    mine, theirs = os.fstat(ns_fd), os.stat(f"/proc/{pid}/ns/mnt")
+    return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
+
+
+def _staging_mounts(pid: int) -> dict[int, mountinfo.Mount]:
+    proc = os.open(f"/proc/{pid}", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return mountinfo.read(proc)
+    finally:
+        os.close(proc)
 
 
 def _open_as_caller(t: Target, image: Resolved, mode: int) -> int:

@@ -1,0 +1,170 @@
+"""Attaching the supervisor's mounts in the staging namespace, so the kernel locks their flags.
+
+A mount the namespace helper attaches in the container's own mount namespace is the
+container's to change: its root can clear nosuid, nodev, noexec or ro with a raw
+MS_REMOUNT|MS_BIND from any process the filter does not see (kernel-facts §10). A mount that
+reaches the container's namespace by propagation from a namespace of a more privileged user
+namespace arrives with those flags locked (MNT_LOCK_*), for every process, and its root is
+not MNT_LOCKED, so the container can still unmount it.
+
+`run` arranges that: the waiter's staging namespace (host user namespace) keeps its tree
+shared, and the init's copy of it, made from the container's user namespace, has every
+mount as a slave of its staging original (`master:N` in the container, `shared:N` in
+staging). The stager, a helper in the staging namespace, attaches each new mount at the
+staging dentry that is the container's target: the mount the target is on names its master
+group, the staging mount of that group with the same root is walked beneath without
+following symlinks or crossing mounts, and the dentry reached must be the target's own
+(device and inode) before move_mount, by fd, attaches there. The copy that propagates into
+the container is the one it sees and the record names.
+
+Where the target is not on a mount propagated from staging (a tmpfs the container made, a
+mount namespace the container unshared, a session without a staging namespace) the helper
+attaches in the container's namespace as before, and the audit record says `flags_locked:
+false`. The staged original is kept by the stager (an fd) and detached when the container
+holds no mount of its superblock any more: detaching it takes any copy left at the same
+place in the container's namespaces with it (umount propagation).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import posixpath
+from dataclasses import dataclass
+from typing import Any, Final
+
+import prctl
+
+from . import fdops, mountinfo
+from . import syscalls as s
+from .errors import KernelError
+from .helperproc import HelperProcess, Reply
+
+_BENEATH: Final = fdops.RESOLVE_BENEATH | fdops.RESOLVE_NO_SYMLINKS | fdops.RESOLVE_NO_XDEV
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where in staging a mount for the container's target goes.
+
+    `staging_id` is the staging mount (the master of the target's mount) at `mount_point`;
+    `under` the target's path beneath its root; `dev` and `ino` the target's own, which the
+    dentry reached there must have. `parent_id` and `target` name the place in the
+    container, where its copy is looked up afterwards.
+    """
+
+    staging_id: int
+    mount_point: str
+    under: str
+    dev: int
+    ino: int
+    parent_id: int
+    target: str
+
+
+def plan(
+    container: dict[int, mountinfo.Mount], staging: dict[int, mountinfo.Mount], target_mnt: int, target: str,
+    st: os.stat_result,
+) -> Plan | str:  # fmt: skip
+    """The staging place for a mount on `target` (on mount `target_mnt`), or why there is none."""
+    mine = container.get(target_mnt)
+    if mine is None:
+        return "the target's mount is not in the container's mount table"
+    master = _tag(mine, "master")
+    if master is None:
+        return "the target is on a mount the container made"
+    peers = [m for m in staging.values() if _tag(m, "shared") == master]
+    rel = posixpath.relpath(target, mine.mount_point)
+    fs_path = posixpath.normpath(posixpath.join(mine.root, rel))
+    for peer in peers:
+        under = posixpath.relpath(fs_path, peer.root)
+        if under != ".." and not under.startswith("../"):
+            return Plan(peer.mnt_id, peer.mount_point, under, st.st_dev, st.st_ino, target_mnt, target)
+    return "the target's mount has no staging original showing the target"
+
+
+def copy_in_container(container: dict[int, mountinfo.Mount], where: Plan, dev: int) -> int:
+    """The id of the container's copy of the staged mount: the top one on `where`'s place."""
+    found = [
+        m.mnt_id for m in container.values()
+        if m.parent_id == where.parent_id and m.mount_point == where.target and m.dev == dev
+        and _tag(m, "master") is not None
+    ]  # fmt: skip
+    if not found:
+        raise KernelError(errno.EBUSY, "the mount did not reach the container's namespace", where.target)
+    return max(found)
+
+
+def _tag(mount: mountinfo.Mount, name: str) -> int | None:
+    for tag in mount.tags:
+        key, _, value = tag.partition(":")
+        if key == name:
+            return int(value)
+    return None
+
+
+def start(staging_pidfd: int) -> HelperProcess:
+    """Fork the stager into the staging mount namespace of the waiter behind `staging_pidfd`."""
+    return HelperProcess.spawn(
+        "mw-stager", (prctl.CAP_SYS_ADMIN,), lambda: _enter(staging_pidfd), _OPS, keep=(staging_pidfd,)
+    )
+
+
+def idmap(mnt_fd: int, userns_fd: int) -> bool:
+    """Idmap the detached mount; False where the filesystem does not support idmapped mounts."""
+    try:
+        s.mount_setattr(mnt_fd, s.MOUNT_ATTR_IDMAP, 0, userns_fd)
+    except KernelError as exc:
+        if exc.errno == errno.EINVAL:  # the filesystem lacks FS_ALLOW_IDMAP
+            return False
+        raise
+    return True
+
+
+_held: dict[int, int] = {}  # in the stager: staging mount id -> fd on that mount
+
+
+def _enter(pidfd: int) -> None:  # pragma: no cover - runs in the stager
+    s.setns(pidfd, s.CLONE_NEWNS)
+    os.close(pidfd)
+
+
+def _attach(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  # pragma: no cover - in the stager
+    """Idmap fds[0] with fds[1] when asked, attach it at the planned dentry; keep an fd on it."""
+    mnt_fd, userns_fd = fds
+    top = fdops.openat2(fdops.AT_FDCWD, req["mount_point"], os.O_PATH | os.O_DIRECTORY, fdops.RESOLVE_NO_SYMLINKS)
+    try:
+        if s.mount_id(top) != req["staging_id"]:
+            raise KernelError(errno.EBUSY, "the staging mount moved", req["mount_point"])
+        at = top if req["under"] == "." else fdops.openat2(top, req["under"], os.O_PATH | os.O_DIRECTORY, _BENEATH)
+        try:
+            st = os.fstat(at)
+            if (st.st_dev, st.st_ino) != (req["dev"], req["ino"]):
+                raise KernelError(errno.EBUSY, "the target changed while it was being mounted; try again")
+            idmapped = req["idmap"] and idmap(mnt_fd, userns_fd)
+            s.move_mount(mnt_fd, at)
+        finally:
+            if at != top:
+                os.close(at)
+    finally:
+        os.close(top)
+    staged = s.mount_id(mnt_fd)
+    _held[staged] = os.dup(mnt_fd)
+    return {"idmapped": idmapped, "staged": staged}, []
+
+
+def _release(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  # pragma: no cover - in the stager
+    """Detach the staged mount `staged`; a path cannot be trusted here, so it is named as the cwd."""
+    fd = _held.pop(int(req["staged"]), -1)
+    if fd < 0:
+        return {}, []
+    try:
+        os.fchdir(fd)
+        s.umount2(".", s.MNT_DETACH)
+    finally:
+        os.chdir("/")
+        os.close(fd)
+    return {}, []
+
+
+_OPS: Final = {"attach": _attach, "release": _release}

@@ -1,0 +1,216 @@
+"""Forced flags the kernel locks: `run`'s image mounts propagate in from the staging namespace.
+
+The attacker here is a process of the container that the filter never sees: the test enters
+the container's user and mount namespaces itself (nsenter, as the container's root) and makes
+the raw calls that clear flags. The kernel must refuse them, for the flags to hold against
+any process (kernel-facts §10); the supervisor's own remounts and unmounts must still work.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import descendants, mountwarden, read_audit, run_container, write_policy
+
+from supervisor import mountinfo, stager
+
+FORCED = ["nosuid", "nodev", "noexec"]
+
+
+def _policy(tmp_path: Path) -> Path:
+    # No source glob: images reached through a mount namespace the container unshared count too.
+    rule = {"name": "forced", "match": {"target": "/**"}, "action": "kernel", "options": FORCED}
+    return write_policy(tmp_path / "forced.yaml", [rule])
+
+
+class Live:
+    """A `mountwarden run` shell that runs one line of stdin at a time; `init` is its host pid."""
+
+    def __init__(self, tmp_path: Path, name: str) -> None:
+        self.log = tmp_path / f"audit-{name}.log"
+        script = 'echo up; while read line; do eval "$line"; done'
+        cmd = mountwarden("run", "--name", name, "--audit-log", str(self.log), "--policy", str(_policy(tmp_path)),
+                          "--", "/bin/sh", "-c", script)  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "up"
+        self.init = next(p for p, n in descendants(self.proc.pid) if n == "mw-init")
+
+    def ask(self, line: str) -> str:
+        """Run `line` in the container (under the filter); its first line of output."""
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(line + " 2>&1\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+    def unfiltered(self, *argv: str) -> list[str]:
+        """Run `argv` as the container's root in its user and mount namespaces, outside the filter."""
+        cmd = ["nsenter", "-t", str(self.init), "-U", "-m", "-p", "--", *argv]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.split()
+
+    def mount_of(self, path: Path) -> mountinfo.Mount | None:
+        """The top mount on `path` in the container's namespace."""
+        with open(f"/proc/{self.init}/mountinfo") as f:
+            found = [m for m in mountinfo.parse(f.read()).values() if m.mount_point == str(path)]
+        return found[-1] if found else None
+
+    def decisions(self, at_least: int = 1) -> list[dict[str, object]]:
+        """The audit log's decisions so far, once there are `at_least` (it is written asynchronously)."""
+        deadline = time.monotonic() + 5
+        while len(records := [r for r in read_audit(self.log) if r.get("event") == "mount-decision"]) < at_least:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        return records
+
+    def close(self) -> None:
+        assert self.proc.stdin
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def rw_image(workdir: Path, images: dict[str, Path]) -> Path:
+    """A copy of the ext4 image the container's root may open read-write."""
+    image = workdir / "img" / "locked-rw.ext4"
+    image.write_bytes(images["ext4"].read_bytes())
+    image.chmod(0o666)
+    return image
+
+
+@pytest.fixture
+def live(tmp_path: Path) -> Iterator[Live]:
+    box = Live(tmp_path, "locked")
+    try:
+        yield box
+    finally:
+        box.close()
+
+
+def test_an_unfiltered_process_of_the_container_cannot_clear_the_flags(
+    live: Live, rw_image: Path, mountcall: Path, mnt: Path
+) -> None:
+    mc = str(mountcall)
+    assert live.ask(f"{mc} mount {rw_image} {mnt} ext4 0") == "OK"
+    mount = live.mount_of(mnt)
+    assert mount is not None and {"rw", *FORCED} <= set(mount.options.split(","))
+    assert any(t.startswith("master:") for t in mount.tags)  # a copy from staging, not the helper's own
+    locked = [d for d in live.decisions() if d.get("syscall") == "mount"]
+    assert locked[-1]["flags_locked"] is True, locked[-1]
+    status = live.unfiltered("grep", "-c", "^Seccomp:.0", "/proc/self/status")
+    assert status == ["1"]  # really outside the filter
+    attacks = live.unfiltered(mc, "seq", "mount", "-", str(mnt), "-", "remount,bind", ";",
+                              "setattr-clear", str(mnt), ";", "open-tree-attr-clear", str(mnt))  # fmt: skip
+    assert attacks == ["EPERM", "EPERM", "EPERM"]
+    after = live.mount_of(mnt)
+    assert after is not None and after.mnt_id == mount.mnt_id and after.options == mount.options
+    # Still the container's to unmount, through the supervisor: the record names this copy.
+    assert live.ask(f"{mc} umount {mnt}") == "OK"
+    assert live.mount_of(mnt) is None
+    umounts = [d for d in live.decisions(at_least=2) if d.get("syscall") == "umount2"]
+    assert umounts[-1]["action"] == "unmount", umounts[-1]
+
+
+def test_supervisor_remounts_change_what_the_kernel_left_unlocked(
+    live: Live, rw_image: Path, mountcall: Path, mnt: Path
+) -> None:
+    mc = str(mountcall)
+    assert live.ask(f"{mc} mount {rw_image} {mnt} ext4 0") == "OK"
+    assert live.ask(f"{mc} mount - {mnt} - remount,bind,ro") == "OK"  # ro was not set: not locked
+    assert live.ask(f"{mc} open {mnt}/pub.txt w") == "EROFS"
+    assert live.ask(f"{mc} mount - {mnt} - remount,bind") == "OK"
+    assert live.ask(f"{mc} open {mnt}/pub.txt w") == "OK"
+    mount = live.mount_of(mnt)
+    assert mount is not None and {"rw", *FORCED} <= set(mount.options.split(","))
+    assert live.ask(f"{mc} umount {mnt}") == "OK"
+
+
+def test_a_read_only_mount_stays_read_only_and_a_bind_remount_still_answers(
+    live: Live, images: dict[str, Path], mountcall: Path, mnt: Path
+) -> None:
+    mc = str(mountcall)
+    assert live.ask(f"{mc} mount {images['ext4']} {mnt} ext4 ro") == "OK"
+    assert live.unfiltered(mc, "mount", "-", str(mnt), "-", "remount,bind") == ["EPERM"]
+    assert live.ask(f"{mc} mount - {mnt} - remount,bind") == "OK"  # ro stays, as its superblock does
+    assert live.ask(f"{mc} open {mnt}/pub.txt w") == "EROFS"
+    mount = live.mount_of(mnt)
+    assert mount is not None and "ro" in mount.options.split(",")
+    assert live.ask(f"{mc} umount {mnt}") == "OK"
+
+
+def test_where_the_kernel_cannot_lock_the_helper_attaches_and_says_so(
+    live: Live, images: dict[str, Path], mountcall: Path, mnt: Path
+) -> None:
+    mc = str(mountcall)
+    # A tmpfs of the container's own: no staging original to attach beneath.
+    assert live.ask(f"{mc} mount tmpfs {mnt} tmpfs 0") == "OK"
+    assert live.ask(f"mkdir {mnt}/sub && echo made") == "made"
+    assert live.ask(f"{mc} mount {images['ext4']} {mnt}/sub ext4 ro") == "OK"
+    # A mount namespace the container unshared: staging would reach the container's own too.
+    # The helper, in the init's namespace, cannot attach there either (move_mount: EINVAL), as before.
+    nested = f"unshare -m --propagation unchanged {mc} mount {images['ext4']} {mnt}/sub ext4 ro"
+    assert live.ask(nested) == "EINVAL"
+    mounts = [d for d in live.decisions(at_least=3) if d.get("syscall") == "mount" and d.get("action") == "kernel"]
+    assert [(d["flags_locked"], d["result"]) for d in mounts] == [(False, "OK"), (False, "EINVAL")], mounts
+    assert "the container made" in str(mounts[0]["flags_unlocked_because"])
+    assert "mount namespace of the container's own" in str(mounts[1]["flags_unlocked_because"])
+    assert live.ask(f"{mc} umount {mnt}/sub") == "OK"
+    assert live.ask(f"{mc} umount {mnt}") == "OK"
+
+
+def test_nothing_reaches_the_host_or_another_container(
+    tmp_path: Path, live: Live, images: dict[str, Path], mountcall: Path, mnt: Path
+) -> None:
+    other = Live(tmp_path, "other")
+    try:
+        mc = str(mountcall)
+        assert live.ask(f"{mc} mount {images['ext4']} {mnt} ext4 ro") == "OK"
+        mount = live.mount_of(mnt)
+        assert mount is not None
+        assert other.mount_of(mnt) is None
+        with open("/proc/self/mountinfo") as f:
+            assert all(m.dev != mount.dev for m in mountinfo.parse(f.read()).values())
+        assert live.ask(f"{mc} umount {mnt}") == "OK"
+    finally:
+        other.close()
+
+
+def _mount(mnt_id: int, parent: int, root: str, point: str, *tags: str, dev: int = 1) -> mountinfo.Mount:
+    return mountinfo.Mount(mnt_id, parent, dev, root, point, "rw", "ext4", "/dev/x", tags)
+
+
+def test_plan_walks_beneath_the_staging_original_from_the_same_filesystem_path() -> None:
+    """Roots differ when the container bound a subdirectory: the walk starts at the original's root."""
+    st = os.stat("/")
+    container = {10: _mount(10, 1, "/srv", "/data", "master:7")}
+    staging = {70: _mount(70, 1, "/", "/", "shared:3"), 71: _mount(71, 70, "/", "/host/srv-fs", "shared:7")}
+    plan = stager.plan(container, staging, 10, "/data/a/b", st)
+    assert isinstance(plan, stager.Plan)
+    assert (plan.staging_id, plan.mount_point, plan.under, plan.parent_id) == (71, "/host/srv-fs", "srv/a/b", 10)
+    assert stager.plan(container, staging, 10, "/data", st).under == "srv"  # type: ignore[union-attr]
+
+
+def test_plan_refuses_mounts_without_a_staging_original() -> None:
+    st = os.stat("/")
+    own = {10: _mount(10, 1, "/", "/mnt", "shared:9")}
+    assert "made" in str(stager.plan(own, {}, 10, "/mnt", st))
+    outside = {10: _mount(10, 1, "/", "/mnt", "master:7")}
+    elsewhere = {71: _mount(71, 1, "/sub", "/x", "shared:7")}
+    assert "no staging original" in str(stager.plan(outside, elsewhere, 10, "/mnt", st))
+    assert "not in the container" in str(stager.plan({}, {}, 10, "/mnt", st))
+
+
+def test_a_rootfs_container_gets_locked_mounts_too(tmp_path: Path, rootfs: Path) -> None:
+    """With --rootfs the init binds the staged root again and pivots: its copies stay slaves of staging."""
+    script = [
+        "/bin/sh", "-c",
+        "mountcall mount /img/data.ext4 /mnt ext4 ro; grep -c ' /mnt .* master:' /proc/self/mountinfo; "
+        "mountcall umount /mnt",
+    ]  # fmt: skip
+    run = run_container(tmp_path, script, policy=_policy(tmp_path), rootfs=rootfs)
+    assert run.stdout.split() == ["OK", "1", "OK"], run.stderr
+    mount, umount = run.decisions("mount")[-1], run.decisions("umount2")[-1]
+    assert mount["flags_locked"] is True and umount["action"] == "unmount", (mount, umount)
