@@ -122,3 +122,28 @@ def test_private_dev_and_hidden_block_views_cannot_be_removed(tmp_path: Path, ro
         assert not [n for n in lines if n.startswith(("vd", "zram", "sd", "nvme"))]
         own = {"loop-control"} | {f"loop{n}" for n in range(8)}  # the container's own pool, numbered from 0
         assert {n for n in lines if n.startswith("loop")} == own
+
+
+def test_a_bind_remount_changes_the_atime_mode_where_the_kernel_has_not_locked_it(
+    tmp_path: Path, images: dict[str, Path], mountcall: Path, mnt: Path
+) -> None:
+    """On a mount the kernel locked (propagated from staging) the atime mode is locked with the
+    forced flags: EPERM. Under a tmpfs of the container's own the mount is not locked, and the
+    supervisor changes the atime mode as a whole field, as mount_setattr requires."""
+    mc = str(mountcall)
+    script = _sh(
+        f"{mc} mount {images['ext4']} {mnt} ext4 ro",
+        f"{mc} mount - {mnt} - remount,bind,noatime",
+        f"{mc} umount {mnt}",
+        f"{mc} mount tmpfs {mnt} tmpfs 0",
+        f"mkdir {mnt}/sub",
+        f"{mc} mount {images['ext4']} {mnt}/sub ext4 ro",
+        f"{mc} mount - {mnt}/sub - remount,bind,noatime",
+        f"grep ' {mnt}/sub ' /proc/self/mountinfo | cut -d' ' -f6",
+        f"{mc} umount {mnt}/sub",
+        f"{mc} umount {mnt}",
+    )
+    run = run_container(tmp_path, script, policy=allow_policy(tmp_path))
+    lines = run.stdout.splitlines()
+    assert lines[:6] == ["OK", "EPERM", "OK", "OK", "OK", "OK"] and lines[7:] == ["OK", "OK"], run.stdout + run.stderr
+    assert {"noatime", "nosuid", "nodev"} <= set(lines[6].split(",")), lines[6]

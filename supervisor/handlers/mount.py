@@ -325,16 +325,9 @@ def _staging_plan(call: Call, where: Resolved) -> stager.Plan | str:
     session = call.session
     if session.staging_pid <= 0:
         return "the container's namespaces were not made by mountwarden run"
-    if not _same_ns(call.target.mntns, session.init_pid):
-        return "the caller is in a mount namespace of the container's own"
     # The caller's own mount table: its paths are relative to the caller's root, as `where.path` is.
     here = mountinfo.read(call.target.proc)
     return stager.plan(here, _staging_mounts(session.staging_pid), s.mount_id(where.fd), where.path, where.st)
-
-
-def _same_ns(ns_fd: int, pid: int) -> bool:
-    mine, theirs = os.fstat(ns_fd), os.stat(f"/proc/{pid}/ns/mnt")
-    return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
 
 
 def _staging_mounts(pid: int) -> dict[int, mountinfo.Mount]:
@@ -375,7 +368,9 @@ def _remount(call: Call, target: str, flags: int, opts: mountopts.MountOptions) 
         call.audit.update(action="remount", rule=record.rule if record else None, options=final.describe())
         attr_set = final.attr_flags
         attr_clr = _PER_MOUNT & ~attr_set
-        if not final.attrs & {"noatime", "strictatime", "relatime", "nodiratime"}:
+        if final.attrs & {"noatime", "strictatime", "relatime", "nodiratime"}:
+            attr_clr |= s.MOUNT_ATTR__ATIME  # mount_setattr changes the atime mode only as a whole field
+        else:
             attr_clr &= ~(s.MOUNT_ATTR__ATIME | s.MOUNT_ATTR_NODIRATIME)  # MS_REMOUNT keeps atime flags unless given
         if record is None:  # the container's own mount: changed with its own rights, on our fd
             superblock = not flags & s.MS_BIND
