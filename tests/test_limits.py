@@ -12,6 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from conftest import allow_policy, loop_devices, mountwarden, read_audit, run_container, write_policy
 
 
@@ -131,10 +132,12 @@ def test_a_mounted_device_cannot_be_repointed(
     assert all("backs a mount" in d["error"] for d in refused)
 
 
-def _digest_policy(tmp_path: Path, image: Path, size_max: str) -> Path:
+def _digest_policy(tmp_path: Path, image: Path, size_max: str | None) -> Path:
     digest = hashlib.sha256(image.read_bytes()).hexdigest()
-    rule = {"name": "pinned", "match": {"sha256": [digest], "size": {"max": size_max}}, "action": "kernel"}
-    return write_policy(tmp_path / "pinned.yaml", [rule])
+    match: dict[str, object] = {"sha256": [digest]}
+    if size_max is not None:
+        match["size"] = {"max": size_max}
+    return write_policy(tmp_path / "pinned.yaml", [{"name": "pinned", "match": match, "action": "kernel"}])
 
 
 def test_writes_to_a_pinned_image_do_not_reach_its_mount(
@@ -173,15 +176,17 @@ def test_writes_to_a_pinned_image_do_not_reach_its_mount(
     assert pinned[1]["backing"] == "sealed-copy"
 
 
+@pytest.mark.parametrize("size_max", ["16M", None], ids=["rule-size-max", "policy-digest-max-size"])
 def test_a_huge_sparse_image_is_refused_before_hashing(
-    tmp_path: Path, images: dict[str, Path], mnt: Path, workdir: Path
+    tmp_path: Path, images: dict[str, Path], mnt: Path, workdir: Path, size_max: str | None
 ) -> None:
-    """64 GiB of sparse file under a digest rule capped at 16M: refused at once, nothing hashed."""
+    """64 GiB of sparse file under a digest rule capped at 16M (or at the policy's 1G default):
+    refused at once, nothing hashed."""
     image = workdir / "img" / "huge.ext4"
     shutil.copy(images["ext4"], image)
     os.truncate(image, 64 << 30)
     image.chmod(0o644)
-    policy = _digest_policy(tmp_path, images["ext4"], "16M")
+    policy = _digest_policy(tmp_path, images["ext4"], size_max)
     start = time.monotonic()
     run = run_container(tmp_path, _sh(f"mount -o loop,ro {image} {mnt}; echo rc=$?"), policy=policy)
     elapsed = time.monotonic() - start

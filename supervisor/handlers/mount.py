@@ -238,21 +238,20 @@ def _pinned_copy(call: Call, fd: int, size: int) -> tuple[int, str] | None:
     if not policy.needs_digest:
         return None
     bound = _digest_bound(policy)
-    if bound is not None and size > bound:
+    if size > bound:
         call.audit["sha256"] = f"not computed: the image is larger than any digest rule allows ({bound} bytes)"
         return None
     return _sealed_copy(fd, size)
 
 
-def _digest_bound(policy: Policy) -> int | None:
-    """The largest image some digest rule could match; None when one of them has no size limit."""
+def _digest_bound(policy: Policy) -> int:
+    """The largest image some digest rule could match: its size.max, or the policy's digest_max_size."""
     bounds = []
     for rule in policy.rules:
         match = rule.match
         if match is not None and match.sha256 is not None:
-            if match.size is None or match.size.max is None:
-                return None
-            bounds.append(match.size.max)
+            own = match.size.max if match.size is not None else None
+            bounds.append(min(own, policy.limits.digest_max_size) if own is not None else policy.limits.digest_max_size)
     return max(bounds, default=0)
 
 

@@ -438,10 +438,14 @@ class Rule(_Model):
 
 
 class Limits(_Model):
-    """How many loop devices a container may hold at once, and all containers of one host uid."""
+    """How many loop devices a container may hold at once, and all containers of one host uid;
+    how large an image a digest rule may hash."""
 
     loop_devices: Annotated[int, Field(ge=0, le=1024)] = 8
     loop_devices_per_host_uid: Annotated[int, Field(ge=0, le=65536)] = 64
+    # A digest rule hashes (and copies into sealed memory) at most this much of an image, unless
+    # its own size.max is lower: the check never costs more than the policy says.
+    digest_max_size: Size = 1 << 30
 
 
 class PolicyFile(_Model):
