@@ -345,14 +345,14 @@ static int cmd_bind_race(int argc, char **argv)
 	return 0;
 }
 
-/* umount2(TGT, FLAGS) COUNT times while a child swaps directories A and B (RENAME_EXCHANGE). */
-static int cmd_umount_race(int argc, char **argv)
+/* Run `call` COUNT times on TGT while a child swaps directories A and B (RENAME_EXCHANGE), so the
+ * path the supervisor judged is not the one the kernel may walk again; prints the tally. */
+static int exchange_race(char **argv, int (*call)(const char *target, unsigned long flags), unsigned long flags,
+			 const char *done)
 {
 	long count = strtol(argv[4], NULL, 10), ok = 0, other = 0;
-	int flags = (int)parse_flags(argv[1], umount_flags);
-
-	(void)argc;
 	pid_t child = fork();
+
 	if (child < 0)
 		return fail(errno);
 	if (child == 0) {
@@ -360,15 +360,32 @@ static int cmd_umount_race(int argc, char **argv)
 			syscall(SYS_renameat2, AT_FDCWD, argv[2], AT_FDCWD, argv[3], 2 /* RENAME_EXCHANGE */);
 	}
 	for (long i = 0; i < count; i++) {
-		if (umount2(argv[0], flags) == 0)
+		if (call(argv[0], flags) == 0)
 			ok++;
 		else
 			other++;
 	}
 	kill(child, SIGKILL);
 	waitpid(child, NULL, 0);
-	printf("OK unmounted=%ld refused=%ld\n", ok, other);
+	printf("OK %s=%ld refused=%ld\n", done, ok, other);
 	return 0;
+}
+
+static int race_umount(const char *target, unsigned long flags)
+{
+	return umount2(target, (int)flags);
+}
+
+static int race_remount(const char *target, unsigned long flags)
+{
+	return mount(NULL, target, NULL, flags, NULL);
+}
+
+/* umount-race TGT FLAGS DIR_A DIR_B COUNT */
+static int cmd_umount_race(int argc, char **argv)
+{
+	(void)argc;
+	return exchange_race(argv, race_umount, parse_flags(argv[1], umount_flags), "unmounted");
 }
 
 /* --- loop limits and live mounts (issue 9, limits) ------------------------------------------- */
@@ -779,33 +796,13 @@ static int cmd_attach(int argc, char **argv)
 	long rc = syscall(429 /* move_mount */, rt_clone_fd, "", AT_FDCWD, argv[0], 4 /* MOVE_MOUNT_F_EMPTY_PATH */);
 	return report(rc);
 }
-/* remount-race TGT FLAGS DIR_A DIR_B COUNT: mount(NULL, TGT, NULL, FLAGS) COUNT times while a child
- * swaps directories A and B (RENAME_EXCHANGE), so the path the supervisor judged is not the one the
- * kernel then walks for a CONTINUEd superblock remount. */
+/* remount-race TGT FLAGS DIR_A DIR_B COUNT: a superblock remount raced with a path swap. */
 static int cmd_remount_race(int argc, char **argv)
 {
-	long count = strtol(argv[4], NULL, 10), ok = 0, other = 0;
-	unsigned long flags = parse_flags(argv[1], mount_flags);
-
 	(void)argc;
-	pid_t child = fork();
-	if (child < 0)
-		return fail(errno);
-	if (child == 0) {
-		for (;;)
-			syscall(SYS_renameat2, AT_FDCWD, argv[2], AT_FDCWD, argv[3], 2 /* RENAME_EXCHANGE */);
-	}
-	for (long i = 0; i < count; i++) {
-		if (mount(NULL, argv[0], NULL, flags, NULL) == 0)
-			ok++;
-		else
-			other++;
-	}
-	kill(child, SIGKILL);
-	waitpid(child, NULL, 0);
-	printf("OK remounted=%ld refused=%ld\n", ok, other);
-	return 0;
+	return exchange_race(argv, race_remount, parse_flags(argv[1], mount_flags), "remounted");
 }
+
 /* clone-rec PATH: like clone, with AT_RECURSIVE (the mounts below PATH come along). */
 static int cmd_clone_rec(int argc, char **argv)
 {
