@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -188,8 +189,9 @@ class Session:
             if dev in live:
                 continue
             self.mounts.pop(record.mnt_id, None)  # the original went with a parent (MNT_DETACH)
-            if record.staged >= 0 and self.helper is not None:
-                self.helper.release(record.staged)  # else the staging original holds the device
+            if record.staged >= 0 and (helper := self.helper) is not None:
+                # else the staging original holds the device (or the FUSE connection)
+                self._step("releasing a staging original", functools.partial(helper.release, record.staged))
                 record = dataclasses.replace(record, staged=-1)
                 self.superblocks[dev] = record
             if record.loop >= 0 and self.pool is not None:
