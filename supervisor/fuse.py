@@ -5,12 +5,15 @@ locked mount namespace of the container's user namespace, the caller's ids, CAP_
 only, a clean environment and the container's own seccomp filter, whose listener the supervisor
 serves like the container's. It opens the image (a bind of the supervisor's fd) with the
 caller's rights and mounts FUSE on its private mount point, which the kernel allows a user
-namespace; the supervisor then clones that mount and attaches the clone at the container's
-target with the forced flags. A hostile image can at worst crash an unprivileged process of the
-container, and a daemon the container takes over can do nothing the container's root cannot.
+namespace; the supervisor then clones that mount, sets the forced flags on the clone and
+attaches it at the container's target, through the staging namespace where it can (stager.py),
+so that the kernel locks those flags against every process of the container. A hostile image
+can at worst crash an unprivileged process of the container, and a daemon the container takes
+over can do nothing the container's root cannot.
 The daemon lives in the container's pid namespace and cgroups, so it ends with the container
 whatever way the container or the supervisor ends, and it ends with its mount: once the clone
-is the superblock's only mount, unmounting it ends the FUSE connection.
+is the superblock's only mount, unmounting it ends the FUSE connection (a staging original is
+let go as soon as the container holds no mount of the superblock, see Session.add_daemon).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from typing import Any, Final
 
 import prctl
 
-from . import fuse_jail
+from . import fuse_jail, stager
 from . import syscalls as s
 from .errors import KernelError
 from .policy import Policy
@@ -243,25 +246,37 @@ def wait_mounted(
 
 
 FUSE_SUPER_MAGIC: Final = 0x65735546
-AT_SYMLINK_NOFOLLOW: Final = 0x100
 
 
-def attach(daemon: FuseDaemon, seen: tuple[int, int], ns_pidfd: int, target_fd: int, attr_set: int) -> tuple[int, int]:
-    """Clone the daemon's mount `seen` (mount id, device) onto `target_fd` in the container.
+def attach(
+    daemon: FuseDaemon, seen: tuple[int, int], attr_set: int, *, ns_pidfd: int = -1, target_fd: int = -1
+) -> tuple[int, int, int]:
+    """Clone the daemon's mount `seen` (mount id, device), with the forced flags `attr_set`.
 
     A throwaway child (host root) enters the daemon's mount namespace, takes the mount it saw
     by fd and checks it is still that FUSE mount, clones it, detaches the original (so the clone
-    alone keeps the connection: the container's unmount ends the daemon), sets the forced flags
-    on the detached clone, enters the container's mount namespace and attaches it there.
-    Returns the clone's mount id and device in the container.
+    alone keeps the connection: the container's unmount ends the daemon) and sets the forced
+    flags on the detached clone, before it is attached anywhere. Given `target_fd`, the child
+    enters the container's mount namespace (`ns_pidfd`) and attaches the clone there, and the
+    result is (its mount id, its device, -1); otherwise it is (-1, -1, an fd on the detached
+    clone) for the stager to attach (stager.py), where the kernel locks the flags.
     """
-    r, w = os.pipe()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     child = os.fork()
     if child == 0:  # pragma: no cover - the attaching child
+        fds: list[int] = []
         try:
-            os.close(r)
+            ours.close()
             s.prctl(s.PR_SET_PDEATHSIG, signal.SIGKILL)
-            result = _clone_and_attach(daemon.pidfd, seen, ns_pidfd, target_fd, attr_set)
+            clone = _clone(daemon.pidfd, seen, attr_set)
+            if target_fd < 0:
+                result: dict[str, Any] = {"errno": 0}
+                fds = [clone]
+            else:
+                s.setns(ns_pidfd, s.CLONE_NEWNS)
+                s.move_mount(clone, target_fd)
+                mnt_id, dev = stager.identity(clone)
+                result = {"errno": 0, "mnt_id": mnt_id, "dev": dev}
         except KernelError as exc:
             result = {"errno": exc.errno or errno.EIO, "error": exc.what}
         except OSError as exc:
@@ -270,27 +285,31 @@ def attach(daemon: FuseDaemon, seen: tuple[int, int], ns_pidfd: int, target_fd: 
             result = {"errno": errno.EIO, "error": f"attach error: {exc!r}"}
         finally:
             with contextlib.suppress(BaseException):
-                os.write(w, json.dumps(result).encode())
+                socket.send_fds(theirs, [json.dumps(result).encode()], fds)
             os._exit(0)
-    os.close(w)
+    theirs.close()
     try:
         os.waitpid(child, 0)
-        raw = os.read(r, 4096)
+        raw, got, _, _ = socket.recv_fds(ours, 4096, 1)
     finally:
-        os.close(r)
+        ours.close()
     reply: dict[str, Any] = json.loads(raw or b'{"errno": 5, "error": "the attaching process died"}')
-    if reply["errno"]:
-        raise KernelError(reply["errno"], f"the FUSE mount could not be attached: {reply['error']}")
-    return int(reply["mnt_id"]), int(reply["dev"])
+    if reply["errno"] or (target_fd < 0) != bool(got):
+        for fd in got:
+            os.close(fd)
+        why = reply.get("error") or "the attaching process sent no mount"
+        raise KernelError(reply["errno"] or errno.EIO, f"the FUSE mount could not be attached: {why}")
+    if target_fd < 0:
+        return -1, -1, got[0]
+    return int(reply["mnt_id"]), int(reply["dev"]), -1
 
 
-def _clone_and_attach(  # pragma: no cover - runs in attach's child
-    daemon_pidfd: int, seen: tuple[int, int], ns_pidfd: int, target_fd: int, attr_set: int
-) -> dict[str, Any]:
+def _clone(daemon_pidfd: int, seen: tuple[int, int], attr_set: int) -> int:  # pragma: no cover - attach's child
+    """The detached clone of the daemon's mount `seen`, its original detached, `attr_set` on it."""
     fd_dir = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)  # the host's procfs
     s.setns(daemon_pidfd, s.CLONE_NEWNS)
     point = os.open(fuse_jail.MOUNT_POINT, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC)
-    if _identity(point) != seen:
+    if stager.identity(point) != seen:
         raise KernelError(errno.EXDEV, "the daemon's mount changed before it could be attached")
     if _fs_magic(point) != FUSE_SUPER_MAGIC:
         raise KernelError(errno.EXDEV, "the daemon's mount point holds no FUSE mount")
@@ -301,22 +320,7 @@ def _clone_and_attach(  # pragma: no cover - runs in attach's child
     os.close(point)
     atime = s.MOUNT_ATTR__ATIME if attr_set & s.MOUNT_ATTR__ATIME else 0
     s.mount_setattr(clone, attr_set, atime)
-    s.setns(ns_pidfd, s.CLONE_NEWNS)
-    s.move_mount(clone, target_fd)
-    mnt_id, dev = _identity(clone)
-    return {"errno": 0, "mnt_id": mnt_id, "dev": dev}
-
-
-def _identity(fd: int) -> tuple[int, int]:
-    """(mount id, device) of what `fd` is on. statx with an empty mask: a FUSE mount of another
-    user namespace refuses every other attribute to the supervisor (EACCES), not these two."""
-    buf = ctypes.create_string_buffer(256)
-    if _libc.statx(fd, b"", s.AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, 0, buf) != 0:
-        err = ctypes.get_errno()
-        raise KernelError(err, "statx")
-    major, minor = struct.unpack_from("<II", buf.raw, 0x88)
-    (mnt_id,) = struct.unpack_from("<Q", buf.raw, 0x90)
-    return mnt_id, os.makedev(major, minor)
+    return clone
 
 
 def _fs_magic(fd: int) -> int:

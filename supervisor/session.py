@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -75,6 +76,7 @@ class Session:
     owner: tuple[int, int] = (0, 0)  # host uid and gid of the container's root
     cgroup_paths: list[str] = field(default_factory=list)
     daemons: dict[int, FuseDaemon] = field(default_factory=dict)  # mount id -> the FUSE daemon serving it
+    mount_events: int = -1  # the container's mountinfo, polled for changes (EPOLLPRI): see `add_daemon`
     tree_at_start: Tree | None = None  # mounts before the command ran: what "the host's file" means
     staging_pid: int = -1  # the waiter of `run`, in whose mount namespace the stager attaches
     closed: bool = False
@@ -187,8 +189,9 @@ class Session:
             if dev in live:
                 continue
             self.mounts.pop(record.mnt_id, None)  # the original went with a parent (MNT_DETACH)
-            if record.staged >= 0 and self.helper is not None:
-                self.helper.release(record.staged)  # else the staging original holds the device
+            if record.staged >= 0 and (helper := self.helper) is not None:
+                # else the staging original holds the device (or the FUSE connection)
+                self._step("releasing a staging original", functools.partial(helper.release, record.staged))
                 record = dataclasses.replace(record, staged=-1)
                 self.superblocks[dev] = record
             if record.loop >= 0 and self.pool is not None:
@@ -228,12 +231,12 @@ class Session:
         pool = self.pool
         self._step("releasing the loop pool", self._close_pool)
         self._step("stopping the namespace helper", self._close_helper)
-        for fd in (*self._dirs, self.listener, self.pidfd, self.userns_fd):
+        for fd in (*self._dirs, self.listener, self.pidfd, self.userns_fd, self.mount_events):
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._dirs.clear()
-        self.listener = self.pidfd = self.userns_fd = -1
+        self.listener = self.pidfd = self.userns_fd = self.mount_events = -1
         self.mounts.clear()
         self.superblocks.clear()
         # Autoclear runs asynchronously once the namespace's last holder is gone.
@@ -245,9 +248,19 @@ class Session:
         return stuck
 
     def add_daemon(self, record: MountRecord, daemon: FuseDaemon) -> None:
+        """Track a FUSE mount and its daemon.
+
+        A FUSE mount attached through staging keeps its staging original, which holds the
+        connection as well, until `sweep` sees the container hold no mount of the superblock.
+        The container unmounts FUSE mounts natively (the supervisor cannot even look them up),
+        so the server sweeps whenever `mount_events` says the container's mount table changed:
+        the original goes, and the daemon ends by itself as it would without staging.
+        """
         self.mounts[record.mnt_id] = record
         self.superblocks[record.dev] = record
         self.daemons[record.mnt_id] = daemon
+        if record.staged >= 0 and self.mount_events < 0:
+            self.mount_events = os.open(f"/proc/{self.init_pid}/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
 
     def reap_daemons(self) -> None:
         """Forget FUSE daemons that ended; one that died under a live mount is an error to log.

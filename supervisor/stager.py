@@ -22,14 +22,20 @@ mount namespace the container unshared, a session without a staging namespace) t
 attaches in the container's namespace as before, and the audit record says `flags_locked:
 false`. The staged original is kept by the stager (an fd) and detached when the container
 holds no mount of its superblock any more: detaching it takes any copy left at the same
-place in the container's namespaces with it (umount propagation).
+place in the container's namespaces with it (umount propagation). FUSE mounts take the same
+way: the supervisor's clone of the daemon's mount, its forced flags already set, is attached
+here like a kernel mount (`attach_detached`). Making the original private before detaching it
+does not spare the copies: umount propagates through the parent's peer group and slaves.
 """
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
 import errno
 import os
 import posixpath
+import struct
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -110,6 +116,12 @@ def start(staging_pidfd: int) -> HelperProcess:
     )
 
 
+def attach_detached(proc: HelperProcess, mnt_fd: int, userns_fd: int, where: Plan) -> int:
+    """Attach the detached mount `mnt_fd` as planned (no idmap); the staging original's id."""
+    reply, _ = proc.call({"op": "attach", "idmap": False, **dataclasses.asdict(where)}, (mnt_fd, userns_fd))
+    return int(reply["staged"])
+
+
 def idmap(mnt_fd: int, userns_fd: int) -> bool:
     """Idmap the detached mount; False where the filesystem does not support idmapped mounts."""
     try:
@@ -124,7 +136,12 @@ def idmap(mnt_fd: int, userns_fd: int) -> bool:
 _held: dict[int, int] = {}  # in the stager: staging mount id -> fd on that mount
 
 
+_fd_dir = -1  # in the stager: the host procfs's /proc/self/fd, opened before setns
+
+
 def _enter(pidfd: int) -> None:  # pragma: no cover - runs in the stager
+    global _fd_dir
+    _fd_dir = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     s.setns(pidfd, s.CLONE_NEWNS)
     os.close(pidfd)
 
@@ -148,19 +165,21 @@ def _attach(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  # 
                 os.close(at)
     finally:
         os.close(top)
-    staged = s.mount_id(mnt_fd)
+    staged = identity(mnt_fd)[0]
     _held[staged] = os.dup(mnt_fd)
     return {"idmapped": idmapped, "staged": staged}, []
 
 
 def _release(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  # pragma: no cover - in the stager
-    """Detach the staged mount `staged`; a path cannot be trusted here, so it is named as the cwd."""
+    """Detach the staged mount `staged`, named by its fd's magic link in the host's procfs:
+    neither a path (the stager trusts none) nor a chdir into the mount (a FUSE mount refuses
+    host root even that, EACCES)."""
     fd = _held.pop(int(req["staged"]), -1)
     if fd < 0:
         return {}, []
     try:
-        os.fchdir(fd)
-        s.umount2(".", s.MNT_DETACH)
+        os.fchdir(_fd_dir)
+        s.umount2(str(fd), s.MNT_DETACH)
     finally:
         os.chdir("/")
         os.close(fd)
@@ -168,3 +187,18 @@ def _release(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  #
 
 
 _OPS: Final = {"attach": _attach, "release": _release}
+
+
+def identity(fd: int) -> tuple[int, int]:
+    """(mount id, device) of what `fd` is on. statx with an empty mask: a FUSE mount of another
+    user namespace refuses every other attribute to host root (EACCES), not these two."""
+    buf = ctypes.create_string_buffer(256)
+    if _libc.statx(fd, b"", s.AT_EMPTY_PATH | _AT_SYMLINK_NOFOLLOW, 0, buf) != 0:
+        raise KernelError(ctypes.get_errno(), "statx")
+    major, minor = struct.unpack_from("<II", buf.raw, 0x88)
+    (mnt_id,) = struct.unpack_from("<Q", buf.raw, 0x90)
+    return mnt_id, os.makedev(major, minor)
+
+
+_AT_SYMLINK_NOFOLLOW: Final = 0x100
+_libc = ctypes.CDLL(None, use_errno=True)

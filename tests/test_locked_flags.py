@@ -9,6 +9,7 @@ any process (kernel-facts §10); the supervisor's own remounts and unmounts must
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -22,19 +23,20 @@ from supervisor import mountinfo, stager
 FORCED = ["nosuid", "nodev", "noexec"]
 
 
-def _policy(tmp_path: Path) -> Path:
+def _policy(tmp_path: Path, action: str = "kernel") -> Path:
     # No source glob: images reached through a mount namespace the container unshared count too.
-    rule = {"name": "forced", "match": {"target": "/**"}, "action": "kernel", "options": FORCED}
-    return write_policy(tmp_path / "forced.yaml", [rule])
+    rule = {"name": "forced", "match": {"target": "/**"}, "action": action, "options": FORCED}
+    return write_policy(tmp_path / f"forced-{action}.yaml", [rule])
 
 
 class Live:
     """A `mountwarden run` shell that runs one line of stdin at a time; `init` is its host pid."""
 
-    def __init__(self, tmp_path: Path, name: str) -> None:
+    def __init__(self, tmp_path: Path, name: str, action: str = "kernel") -> None:
         self.log = tmp_path / f"audit-{name}.log"
         script = 'echo up; while read line; do eval "$line"; done'
-        cmd = mountwarden("run", "--name", name, "--audit-log", str(self.log), "--policy", str(_policy(tmp_path)),
+        policy = _policy(tmp_path, action)
+        cmd = mountwarden("run", "--name", name, "--audit-log", str(self.log), "--policy", str(policy),
                           "--", "/bin/sh", "-c", script)  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "up"
@@ -59,9 +61,13 @@ class Live:
         return found[-1] if found else None
 
     def decisions(self, at_least: int = 1) -> list[dict[str, object]]:
-        """The audit log's decisions so far, once there are `at_least` (it is written asynchronously)."""
+        """The audit log's decisions so far, once there are `at_least` (it is written asynchronously).
+
+        A FUSE daemon's own calls are left out: only the container's count.
+        """
         deadline = time.monotonic() + 5
-        while len(records := [r for r in read_audit(self.log) if r.get("event") == "mount-decision"]) < at_least:
+        while len(records := [r for r in read_audit(self.log) if r.get("event") == "mount-decision"
+                              and r.get("caller") != "fuse-daemon"]) < at_least:  # fmt: skip
             assert time.monotonic() < deadline
             time.sleep(0.01)
         return records
@@ -176,6 +182,102 @@ def test_nothing_reaches_the_host_or_another_container(
         assert live.ask(f"{mc} umount {mnt}") == "OK"
     finally:
         other.close()
+
+
+@pytest.fixture
+def live_fuse(tmp_path: Path) -> Iterator[Live]:
+    box = Live(tmp_path, "locked-fuse", action="fuse")
+    try:
+        yield box
+    finally:
+        box.close()
+
+
+def _gone(pid: int, timeout: float = 10) -> bool:
+    """Whether process `pid` ends (or is a zombie) within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except OSError:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _fuse_mounted(live: Live, image: Path, mnt: Path, mountcall: Path) -> tuple[mountinfo.Mount, int]:
+    """Mount `image` through FUSE in `live`; the container's mount and the daemon's host pid."""
+    assert live.ask(f"{mountcall} mount {image} {mnt} ext4 ro") == "OK"
+    mount = live.mount_of(mnt)
+    assert mount is not None and mount.fstype.startswith("fuse")
+    assert {"ro", *FORCED} <= set(mount.options.split(","))
+    assert any(t.startswith("master:") for t in mount.tags)  # propagated from staging ...
+    decision = [d for d in live.decisions() if d.get("syscall") == "mount"][-1]
+    assert decision["action"] == "fuse" and decision["flags_locked"] is True, decision
+    daemon = int(str(decision["daemon_pid"]))
+    assert os.path.exists(f"/proc/{daemon}")
+    return mount, daemon
+
+
+def test_fuse_mounts_get_locked_flags_and_their_unmount_still_ends_the_daemon(
+    live_fuse: Live, images: dict[str, Path], mountcall: Path, mnt: Path
+) -> None:
+    mc = str(mountcall)
+    mount, daemon = _fuse_mounted(live_fuse, images["ext4"], mnt, mountcall)
+    assert live_fuse.ask(f"cat {mnt}/pub.txt") == "public"
+    attacks = live_fuse.unfiltered(mc, "seq", "mount", "-", str(mnt), "-", "remount,bind", ";",
+                                   "setattr-clear", str(mnt), ";", "open-tree-attr-clear", str(mnt))  # fmt: skip
+    assert attacks == ["EPERM", "EPERM", "EPERM"]
+    after = live_fuse.mount_of(mnt)
+    assert after is not None and after.mnt_id == mount.mnt_id and after.options == mount.options
+    # A bind keeps the superblock, so the daemon must live on after the original's unmount ...
+    bind = mnt.parent / "mnt-bind"
+    bind.mkdir(exist_ok=True)
+    assert live_fuse.ask(f"{mc} mount {mnt} {bind} - bind") == "OK"
+    assert live_fuse.ask(f"{mc} umount {mnt}") == "OK"
+    assert live_fuse.ask(f"cat {bind}/pub.txt") == "public"
+    # ... but once the container's last mount of it is gone (unmounted natively, as any FUSE
+    # mount of its own), the staging original goes too, and the daemon ends.
+    assert live_fuse.ask(f"{mc} umount {bind}") == "OK"
+    assert live_fuse.mount_of(mnt) is None and live_fuse.mount_of(bind) is None
+    assert _gone(daemon), "the FUSE daemon outlived its last mount"
+
+
+def test_fuse_mounts_fall_back_to_the_direct_attach_where_the_kernel_cannot_lock(
+    live_fuse: Live, images: dict[str, Path], mountcall: Path, mnt: Path
+) -> None:
+    mc = str(mountcall)
+    assert live_fuse.ask(f"{mc} mount tmpfs {mnt} tmpfs 0") == "OK"
+    assert live_fuse.ask(f"mkdir {mnt}/sub && echo made") == "made"
+    assert live_fuse.ask(f"{mc} mount {images['ext4']} {mnt}/sub ext4 ro") == "OK"
+    mount = live_fuse.mount_of(mnt / "sub")
+    assert mount is not None and {"ro", *FORCED} <= set(mount.options.split(","))
+    decision = [d for d in live_fuse.decisions(at_least=2) if d.get("fstype") == "ext4"][-1]
+    assert decision["flags_locked"] is False and "the container made" in str(decision["flags_unlocked_because"])
+    assert live_fuse.ask(f"cat {mnt}/sub/pub.txt") == "public"
+    assert live_fuse.ask(f"{mc} umount {mnt}/sub") == "OK"
+    assert _gone(int(str(decision["daemon_pid"])))
+    assert live_fuse.ask(f"{mc} umount {mnt}") == "OK"
+
+
+@pytest.mark.parametrize("victim", ["container", "supervisor"])
+def test_sigkill_with_a_locked_fuse_mount_leaves_nothing(
+    tmp_path: Path, images: dict[str, Path], mountcall: Path, mnt: Path, victim: str
+) -> None:
+    box = Live(tmp_path, f"fuse-kill-{victim}", action="fuse")
+    try:
+        _, daemon = _fuse_mounted(box, images["ext4"], mnt, mountcall)
+        os.kill(box.init if victim == "container" else box.proc.pid, signal.SIGKILL)
+        box.proc.wait(timeout=30)
+        assert _gone(daemon)
+    finally:
+        if box.proc.poll() is None:
+            box.close()
+    if victim == "supervisor":  # the empty device cgroup directory is gc's, as for kernel mounts
+        subprocess.run(mountwarden("gc"), capture_output=True, text=True, check=True)
+    # no_leaks checks that the mounts, the helpers, the daemon and the container are gone
 
 
 def _mount(mnt_id: int, parent: int, root: str, point: str, *tags: str, dev: int = 1) -> mountinfo.Mount:

@@ -219,17 +219,48 @@ def _fuse_mount(
         seen = fuse.wait_mounted(daemon, stderr, lambda fd: server.serve_one(session, fd))
         t.check()  # a caller that died meanwhile gets no mount
         attrs = opts.attr_flags | s.MOUNT_ATTR_NOSUID | s.MOUNT_ATTR_NODEV | (s.MOUNT_ATTR_RDONLY if read_only else 0)
-        mnt_id, dev = fuse.attach(daemon, seen, session.pidfd, where.fd, attrs)
+        mnt_id, dev, staged = _attach_fuse(call, daemon, seen, attrs, where)
     except BaseException:
         daemon.stop()
         daemon.close()
         raise
     record = MountRecord(
-        mnt_id, dev, -1, src.policy_path, where.path, f"fuse.{name}", -1, read_only, decision.options, decision.rule
-    )
+        mnt_id, dev, -1, src.policy_path, where.path, f"fuse.{name}", -1, read_only, decision.options, decision.rule,
+        staged=staged,
+    )  # fmt: skip
     session.add_daemon(record, daemon)
     call.audit["options"] = ",".join(["ro" if read_only else "rw", *sorted(opts.attrs)])
     return Response.success(call.notif.id)
+
+
+def _attach_fuse(
+    call: Call, daemon: fuse.FuseDaemon, seen: tuple[int, int], attrs: int, where: Resolved
+) -> tuple[int, int, int]:
+    """The daemon's mount, flags set, attached by the stager (flags locked) or directly.
+
+    Returns the container's mount id, the device and the staging original (-1 for none),
+    which holds the FUSE connection too: `Session.sweep` lets it go once the container has no
+    mount of the superblock left, and the daemon then ends.
+    """
+    session = call.session
+    found = _staging_plan(call, where)
+    call.audit["flags_locked"] = isinstance(found, stager.Plan)
+    if not isinstance(found, stager.Plan):
+        call.audit["flags_unlocked_because"] = found
+        return fuse.attach(daemon, seen, attrs, ns_pidfd=session.pidfd, target_fd=where.fd)
+    proc = session.nshelper().stager
+    assert proc is not None  # a plan exists only for `run`'s containers, which have a stager
+    _, _, clone = fuse.attach(daemon, seen, attrs)
+    try:
+        staged = stager.attach_detached(proc, clone, session.userns_fd, found)
+    finally:
+        os.close(clone)
+    try:
+        mnt_id = stager.copy_in_container(mountinfo.read(call.target.proc), found, seen[1])
+    except BaseException:
+        session.nshelper().release(staged)
+        raise
+    return mnt_id, seen[1], staged
 
 
 def _pinned_copy(call: Call, fd: int, size: int) -> tuple[int, str] | None:
