@@ -8,14 +8,17 @@ suggested fix).
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import descendants, read_audit
+from conftest import calls, descendants, read_audit, run_container, write_policy
 from test_locked_flags import Live
 
 from supervisor import mountinfo
+from supervisor.audit import Limits
 
 
 @pytest.fixture
@@ -72,3 +75,58 @@ def test_releasing_a_staging_original_unmounts_only_that_original(
     assert live.ask(f"{mc} umount {other}") == "OK", [
         r.get("error") for r in read_audit(live.log) if r.get("result") not in ("OK", "CONTINUE", None)
     ]
+
+
+def test_granted_remounts_cannot_flood_the_audit_log(tmp_path: Path, workdir: Path, mountcall: Path) -> None:
+    """Hole: grants (result OK with action kernel, fuse, remount, unmount) are written in full
+    without counting against the window's byte budget, only 50 per kind, and their size is the
+    container's to choose: a target path may be up to PATH_MAX. A remount of the container's
+    own tmpfs is a "grant" that costs one fork, so a container remounting a tmpfs at a 4 KiB
+    path writes 50 records of about 4.3 KiB per 10 s window for that one kind (about 215 KiB,
+    over three times the 64 KiB the limiter promises per window), and the four grant kinds
+    together (a mount record names two paths) about 1.6 MB per window: some 14 GB a day from
+    one container, well past "never fills the disk".
+
+    Fix: give grants a byte budget of their own (written in full up to it, then summarised with
+    counts like the rest), or cap each path in a record (say 512 bytes, with the full path's
+    sha256 and length) so per_kind bounds the bytes; and do not count a remount of a mount the
+    supervisor did not make (record None, done with the container's own rights) as a grant.
+    """
+    deep = workdir / f"rt2-flood-{tmp_path.name}"
+    deep.mkdir()
+    os.chown(deep, 100000, 100000)
+    while len(str(deep)) < 3800:
+        deep = deep / ("d" * min(250, 3800 - len(str(deep))))
+        deep.mkdir()
+        os.chown(deep, 100000, 100000)
+    # The paths go relative to a working directory: an argv over 8 KiB crashes the supervisor
+    # (see test_a_long_command_line_does_not_crash_the_supervisor).
+    script = (
+        f"cd {deep.parent} && {mountcall} seq mount tmpfs {deep.name} tmpfs 0 ';' "
+        f"repeat 200 mount - {deep.name} - remount,bind ';' umount {deep.name}"
+    )
+    try:
+        run = run_container(tmp_path, ["/bin/sh", "-c", script])
+        assert run.stdout.splitlines() == ["OK", "OK 200", "OK"], run.stdout + run.stderr
+        log = next(tmp_path.glob("audit-*.log")).read_text().splitlines()
+        full = sum(len(line) + 1 for line in log if '"mount-decision"' in line)
+        assert full <= Limits().max_bytes, f"{full} bytes of full decision records in one window"
+    finally:
+        shutil.rmtree(workdir / f"rt2-flood-{tmp_path.name}", ignore_errors=True)
+
+
+def test_a_long_command_line_does_not_crash_the_supervisor(tmp_path: Path) -> None:
+    """Hole (robustness, operator side): `mountwarden run -- sh -c "<a 9 KB script>"` dies with
+    SIGSEGV before it starts anything: python-prctl 1.8.1's set_proctitle (container.py
+    `name_process`, called first by the supervisor, then by every helper) crashes when the
+    process's argv area is larger than about 8 KiB (`python -c 'import prctl;
+    prctl.set_proctitle("m")' $(printf %9000s | tr ' ' x)` segfaults too). A CI runner passing
+    a job's script on the command line gets exit 139 and no message.
+
+    Fix: name processes with prctl.set_name only when /proc/self/cmdline is larger than 4 KiB
+    (or always write the title with PR_SET_MM_ARG_START/END over a buffer of our own instead of
+    python-prctl's argv rewriting), and test with a long argv.
+    """
+    script = "true " + "x" * 9000
+    run = run_container(tmp_path, ["/bin/sh", "-c", script])
+    assert run.returncode == 0, (run.returncode, run.stderr)
