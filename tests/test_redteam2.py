@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import calls, descendants, read_audit, run_container, write_policy
+from conftest import descendants, read_audit, run_container
 from test_locked_flags import Live
 
 from supervisor import mountinfo
