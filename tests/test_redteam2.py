@@ -130,3 +130,31 @@ def test_a_long_command_line_does_not_crash_the_supervisor(tmp_path: Path) -> No
     script = "true " + "x" * 9000
     run = run_container(tmp_path, ["/bin/sh", "-c", script])
     assert run.returncode == 0, (run.returncode, run.stderr)
+
+
+def test_a_chrooted_caller_still_gets_kernel_locked_flags(
+    live: Live, workdir: Path, mountcall: Path, images: dict[str, Path], mnt: Path
+) -> None:
+    """Hole: the staging plan reads the *caller's* mount table (/proc/<tid>/mountinfo), whose
+    mount points are relative to the caller's root and which leaves out every mount whose mount
+    point lies outside it. A container root that chroots into a directory (here the test's
+    work directory, on the host's tree it sees) makes the mount its target is on vanish from
+    that table, so the plan gives up ("the target's mount is not in the container's mount
+    table") and the helper attaches the image in the container's own namespace with plain,
+    unlocked flags: any process of the container the filter does not see (the attacker model of
+    test_locked_flags: nsenter into its user and mount namespaces) then clears nosuid and nodev
+    with one mount_setattr, where a mount from the same call without the chroot gives EPERM.
+
+    Fix: plan from the namespace's point of view, not the caller's: read the mount table of a
+    task whose root is the namespace's root (the namespace helper, or the init for `run`) and
+    the target's path beneath its mount from the fd (the helper's readlink of the fd it is
+    given, or the mount id plus the dentry path), so a chroot, or a root the container
+    pivoted, cannot hide the target's mount.
+    """
+    inside, image = (f"/{p.relative_to(workdir)}" for p in (mnt, images["ext4"]))
+    assert live.ask(f"/usr/sbin/chroot {workdir} /{mountcall.name} mount {image} {inside} ext4 ro") == "OK"
+    (decision,) = [d for d in live.decisions() if d.get("syscall") == "mount"]
+    try:
+        assert live.unfiltered(str(mountcall), "setattr-clear", str(mnt)) == ["EPERM"], decision
+    finally:
+        assert live.ask(f"/usr/sbin/chroot {workdir} /{mountcall.name} umount {inside}") == "OK"
