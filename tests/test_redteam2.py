@@ -158,3 +158,34 @@ def test_a_chrooted_caller_still_gets_kernel_locked_flags(
         assert live.unfiltered(str(mountcall), "setattr-clear", str(mnt)) == ["EPERM"], decision
     finally:
         assert live.ask(f"/usr/sbin/chroot {workdir} /{mountcall.name} umount {inside}") == "OK"
+
+
+def test_a_target_on_a_tmpfs_of_the_container_still_gets_kernel_locked_flags(
+    live: Live, workdir: Path, tmp_path: Path, mountcall: Path, images: dict[str, Path]
+) -> None:
+    """Hole (the documented fallback, used on purpose): the container mounts a tmpfs of its own
+    (native) and asks for the image on a directory in it; the plan finds no staging original
+    ("the target is on a mount the container made"), the helper attaches with unlocked flags,
+    and an unfiltered process of the container clears nosuid and nodev. So "forced flags hold
+    against every process" is the container's to switch off, for any target it likes: a
+    tmpfs on the target's parent first.
+
+    Fix: give every target a staging original: when the target's mount has none, the helper
+    first attaches at the target a slave copy of a per-container holder directory from
+    staging (a shared tmpfs there), the stager mounts the image inside the holder, and its
+    copy propagates into the container locked; or refuse such targets for `run`'s containers
+    (EPERM, "mount on a directory of the container's tree") instead of attaching unlocked.
+    """
+    own = workdir / f"rt2-own-{tmp_path.name}"
+    own.mkdir()
+    os.chown(own, 100000, 100000)
+    mc = str(mountcall)
+    assert live.ask(f"{mc} mount tmpfs {own} tmpfs 0") == "OK"
+    assert live.ask(f"mkdir {own}/m && echo made") == "made"
+    assert live.ask(f"{mc} mount {images['ext4']} {own}/m ext4 ro") == "OK"
+    decision = [d for d in live.decisions() if d.get("syscall") == "mount" and d.get("result") == "OK"][-1]
+    try:
+        assert live.unfiltered(mc, "setattr-clear", f"{own}/m") == ["EPERM"], decision
+    finally:
+        assert live.ask(f"{mc} umount {own}/m") == "OK"
+        assert live.ask(f"{mc} umount {own}") == "OK"
