@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import descendants, read_audit, run_container
+from conftest import calls, descendants, read_audit, run_container, write_policy
 from test_locked_flags import Live
 
 from supervisor import mountinfo
@@ -189,3 +190,38 @@ def test_a_target_on_a_tmpfs_of_the_container_still_gets_kernel_locked_flags(
     finally:
         assert live.ask(f"{mc} umount {own}/m") == "OK"
         assert live.ask(f"{mc} umount {own}") == "OK"
+
+
+def test_a_digest_policy_does_not_stall_the_supervisor_on_a_sparse_image(
+    tmp_path: Path, workdir: Path, mountcall: Path, mnt: Path
+) -> None:
+    """Hole: with any digest rule in the policy (policies/examples/trusted-squashfs.yaml), every
+    image mount request up to `limits.digest_max_size` (1 GiB by default, for rules without
+    size.max) is first copied whole into a memfd and hashed, on the supervisor's single event
+    loop and in its memory, before policy looks at the source, the fstype or anything else. A
+    container makes a 1 GiB sparse ext4 file of its own (no disk, no quota) and asks for it
+    again and again: each request, denied in the end, holds the supervisor for about a second
+    and 1 GiB of RAM charged to the supervisor, not to the container; every other container's
+    mount, umount and loop ioctl waits meanwhile.
+
+    Fix: decide on everything but the digest first (evaluate with sha256=None: if no rule that
+    lists digests could match the source, fstype, target and size, skip the copy), bound the
+    default digest_max_size far lower (say 64 MiB, with a note that larger pinned images need
+    size.max), and hash off the event loop (a worker per session, with the call answered when
+    it is done) so one container cannot stall the others; charge the copy to the container
+    (make it in the container's memory cgroup, or count it against a per-container budget).
+    """
+    rule = {"name": "pinned", "match": {"source": "/srv/img/**", "sha256": ["0" * 64]}, "action": "kernel"}
+    policy = write_policy(tmp_path / "p.yaml", [rule])
+    sparse = workdir / f"rt2-sparse-{tmp_path.name}.ext4"
+    with open(sparse, "wb") as f:
+        f.truncate(1 << 30)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(sparse)], check=True)
+    os.chown(sparse, 100000, 100000)
+    try:
+        run = run_container(tmp_path, calls(mountcall, f"repeat 3 mount {sparse} {mnt} ext4 ro"), policy=policy)
+        assert run.stdout.split() == ["EPERM", "3"], run.stdout + run.stderr
+        slowest = max(float(d["latency_us"]) for d in run.decisions("mount"))
+        assert slowest < 100_000, f"one denied request held the supervisor for {slowest / 1e6:.2f} s"
+    finally:
+        sparse.unlink()
