@@ -64,6 +64,7 @@ class Limits:
     interval: float = 10.0  # seconds per window
     per_kind: int = 50  # full records of one (syscall, result, action) per window
     max_bytes: int = 64 * 1024  # full records of all kinds together per window
+    grant_reserve: int = 16 * 1024  # of max_bytes, only for grants
     max_kinds: int = 64  # summaries per window, the last one counting all further kinds as "other"
 
 
@@ -102,12 +103,13 @@ class AuditLimiter:
         self.tick()
         kind: Kind = (str(fields.get("syscall")), str(fields.get("result")), str(fields.get("action")))
         size = RECORD_OVERHEAD + len(json.dumps(fields, default=str))
-        # A grant (a mount made, an unmount done) costs the container real kernel work and keeps
-        # its own count; a flood of cheap failures must not use up the room its record needs.
+        # Part of the window's bytes is kept for grants (a mount made, an unmount done): a flood
+        # of cheap failures must not use up the room a granted decision's record needs.
         grant = fields.get("result") == "OK" and fields.get("action") in GRANTS
-        if self._written.get(kind, 0) < self.limits.per_kind and (grant or self._bytes + size <= self.limits.max_bytes):
+        room = self.limits.max_bytes - (0 if grant else self.limits.grant_reserve)
+        if self._written.get(kind, 0) < self.limits.per_kind and self._bytes + size <= room:
             self._written[kind] = self._written.get(kind, 0) + 1
-            self._bytes += 0 if grant else size
+            self._bytes += size
             self.log.info(AUDIT_EVENT, **fields)
             if secret:
                 self.log.debug("mount-decision-data", pid=fields.get("pid"), **secret)

@@ -35,9 +35,7 @@ import termios
 from dataclasses import dataclass, field
 from typing import Any, Final, NoReturn
 
-import prctl
-
-from . import cgroup, fdops
+from . import cgroup, fdops, helperproc
 from . import syscalls as s
 from .errors import KernelError
 from .idmap import IdRange
@@ -203,8 +201,7 @@ def _exit_code(status: int) -> int:
 
 def name_process(role: str, container: str) -> None:
     """Name this process so `ps` tells the supervisor, waiter, holder and init apart."""
-    prctl.set_name(f"mw-{role}"[:15])
-    prctl.set_proctitle(f"mountwarden {role} {container}")
+    helperproc.name_process(f"mw-{role}", f"mountwarden {role} {container}")
 
 
 def _die_with_parent(parent: int) -> None:

@@ -22,10 +22,24 @@ import prctl
 from .errors import KernelError
 
 _MAX_MSG: Final = 65536
+_TITLE_ARGV_MAX: Final = 4096  # larger argv areas crash python-prctl's set_proctitle
 _MAX_FDS: Final = 8
 
 Reply = dict[str, Any]
 Op = Callable[[dict[str, Any], list[int]], tuple[Reply, list[int]]]
+
+
+
+def name_process(comm: str, title: str) -> None:
+    """Name this process so `ps` tells it apart: its comm, and its command line where that is safe.
+
+    python-prctl's set_proctitle rewrites the argv area in place and crashes (SIGSEGV) when
+    that area is larger than about 8 KiB, as a long `run -- sh -c SCRIPT` makes it.
+    """
+    prctl.set_name(comm[:15])
+    with open("/proc/self/cmdline", "rb") as f:
+        if len(f.read(_TITLE_ARGV_MAX + 1)) <= _TITLE_ARGV_MAX:
+            prctl.set_proctitle(title)
 
 
 class HelperProcess:
@@ -52,8 +66,7 @@ class HelperProcess:
                 prctl.set_pdeathsig(signal.SIGKILL)
                 if os.getppid() != supervisor:
                     os._exit(1)
-                prctl.set_name(name)
-                prctl.set_proctitle(f"mountwarden {name}")
+                name_process(name, f"mountwarden {name}")
                 prctl.set_no_new_privs(1)
                 for fd in range(3, os.sysconf("SC_OPEN_MAX")):
                     if fd != child.fileno() and fd not in keep:

@@ -166,10 +166,13 @@ class NsHelper:
                 os.close(fd)
         return {**minted, **attached}
 
-    def release(self, staged: int) -> None:
-        """Detach the staging mount `staged`, with whatever copies of it are left in place."""
-        if self.stager is not None:
-            self.stager.call({"op": "release", "staged": staged})
+    def release(self, staged: int) -> bool:
+        """Detach the staging mount `staged`, with whatever copies of it are left in place; False
+        while another staged mount sits on its root (try again later)."""
+        if self.stager is None:
+            return True
+        reply, _ = self.stager.call({"op": "release", "staged": staged})
+        return bool(reply["released"])
 
     def clone_views(self, root_fd: int, paths: list[str]) -> dict[str, int]:
         """Private detached copies of the container's mounts at `paths`; absent ones are left out."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -191,7 +190,8 @@ class Session:
             self.mounts.pop(record.mnt_id, None)  # the original went with a parent (MNT_DETACH)
             if record.staged >= 0 and (helper := self.helper) is not None:
                 # else the staging original holds the device (or the FUSE connection)
-                self._step("releasing a staging original", functools.partial(helper.release, record.staged))
+                if not self._released(helper, record.staged):
+                    continue  # another staged mount sits on it: the next sweep tries again
                 record = dataclasses.replace(record, staged=-1)
                 self.superblocks[dev] = record
             if record.loop >= 0 and self.pool is not None:
@@ -199,6 +199,14 @@ class Session:
             if record.loop < 0 or self.pool is None or not self.pool.holds(record.loop):
                 del self.superblocks[dev]
         return live
+
+    def _released(self, helper: NsHelper, staged: int) -> bool:
+        """Release a staging original; a failure is logged and counts as done (never retried forever)."""
+        try:
+            return helper.release(staged)
+        except Exception:
+            self.log.exception("cleanup-step-failed", step="releasing a staging original")
+            return True
 
     def _live_devs(self) -> set[int]:
         try:

@@ -173,17 +173,33 @@ def _attach(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  # 
 def _release(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  # pragma: no cover - in the stager
     """Detach the staged mount `staged`, named by its fd's magic link in the host's procfs:
     neither a path (the stager trusts none) nor a chdir into the mount (a FUSE mount refuses
-    host root even that, EACCES)."""
-    fd = _held.pop(int(req["staged"]), -1)
+    host root even that, EACCES). Replies whether it went.
+
+    umount2 steps down into whatever is mounted on top of the mount a path names
+    (LOOKUP_MOUNTPOINT), magic links included, and the kernel has no unmount by fd: while a
+    later staged mount sits on this one's root, the release waits (the caller retries).
+    """
+    staged = int(req["staged"])
+    fd = _held.get(staged, -1)
     if fd < 0:
-        return {}, []
+        return {"released": True}, []
+    mnt_id, _ = identity(fd)
+    proc = os.open("..", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=_fd_dir)
+    try:
+        mounts = mountinfo.read(proc)
+    finally:
+        os.close(proc)
+    me = mounts.get(mnt_id)
+    if me is not None and any(m.parent_id == mnt_id and m.mount_point == me.mount_point for m in mounts.values()):
+        return {"released": False}, []
+    del _held[staged]
     try:
         os.fchdir(_fd_dir)
         s.umount2(str(fd), s.MNT_DETACH)
     finally:
         os.chdir("/")
         os.close(fd)
-    return {}, []
+    return {"released": True}, []
 
 
 _OPS: Final = {"attach": _attach, "release": _release}

@@ -1,8 +1,7 @@
-"""Attacks from the issue-9 red-team review that still get past a guarantee.
+"""Attacks from the first issue-9 red-team review, each kept as the test that now fails closed.
 
 Each test is the attack as root (or a user) inside a `mountwarden run` container performs it, and
-asserts the guarantee the issue asks for; a failing test here is an open hole (see the docstrings
-for the hole and a suggested fix).
+asserts the guarantee the issue asks for. The docstrings describe the hole as it was found.
 """
 
 from __future__ import annotations

@@ -142,15 +142,15 @@ def _mount_image(call: Call, source: str, target: str, fstype: str | None, opts:
                 raise KernelError(errno.EINVAL, "the image holds no filesystem mountwarden recognises", src.image.path)
             if fstype not in (None, "", "auto", "none") and kernel_driver(fstype) != kernel_driver(facts.fstype):
                 raise KernelError(errno.EINVAL, f"the image is {facts.fstype}, not {fstype}", src.image.path)
-            copy = _pinned_copy(call, src.fd, facts.size)
-            if copy is not None:
-                src.copies.append(copy[0])
             session.sweep()  # mounts the container dropped count no more
             request = MountRequest(
                 src.policy_path, where.path, facts.fstype, opts.read_only, opts.fs_options, size=facts.size,
-                sha256=copy[1] if copy else None, container=session.info, loop_devices=_pool(call).held_count(),
-                source_origin=src.origin,
+                container=session.info, loop_devices=_pool(call).held_count(), source_origin=src.origin,
             )  # fmt: skip
+            copy = _pinned_copy(call, src.fd, request)
+            if copy is not None:
+                src.copies.append(copy[0])
+                request = dataclasses.replace(request, sha256=copy[1])
             call.audit["source_origin"] = src.origin
             decision = _decide(call, request)
             final = opts.with_forced(decision.options)
@@ -256,17 +256,20 @@ def _attach_fuse(
     finally:
         os.close(clone)
     try:
-        mnt_id = stager.copy_in_container(mountinfo.read(call.target.proc), found, seen[1])
+        mnt_id = stager.copy_in_container(_mounts_of(call.session.init_pid), found, seen[1])
     except BaseException:
         session.nshelper().release(staged)
         raise
     return mnt_id, seen[1], staged
 
 
-def _pinned_copy(call: Call, fd: int, size: int) -> tuple[int, str] | None:
+def _pinned_copy(call: Call, fd: int, request: MountRequest) -> tuple[int, str] | None:
     """A sealed memfd copy of the image and its sha256, when a digest rule could accept it."""
-    policy = call.session.policy
+    policy, size = call.session.policy, request.size or 0
     if not policy.needs_digest:
+        return None
+    if not policy.digest_could_match(request):
+        call.audit["sha256"] = "not computed: no digest rule could match this image whatever its digest"
         return None
     bound = _digest_bound(policy)
     if size > bound:
@@ -335,7 +338,7 @@ def _attach(
         made = call.session.nshelper().mount(request, where.fd, call.session.userns_fd, plan)
         if plan is not None:  # the record names the copy the container sees, not the staging original
             try:
-                made["mnt_id"] = stager.copy_in_container(mountinfo.read(call.target.proc), plan, made["dev"])
+                made["mnt_id"] = stager.copy_in_container(_mounts_of(call.session.init_pid), plan, made["dev"])
             except BaseException:
                 call.session.nshelper().release(made["staged"])
                 raise
@@ -355,12 +358,14 @@ def _staging_plan(call: Call, where: Resolved) -> stager.Plan | str:
     session = call.session
     if session.staging_pid <= 0:
         return "the container's namespaces were not made by mountwarden run"
-    # The caller's own mount table: its paths are relative to the caller's root, as `where.path` is.
-    here = mountinfo.read(call.target.proc)
-    return stager.plan(here, _staging_mounts(session.staging_pid), s.mount_id(where.fd), where.path, where.st)
+    # The init's mount table, whose root is the namespace's: a caller's chroot must not hide the
+    # target's mount. The target's path in those terms is the caller's root joined with its own.
+    init_view = _mounts_of(session.init_pid)
+    target = posixpath.join(call.target.root_path, where.path.lstrip("/"))
+    return stager.plan(init_view, _mounts_of(session.staging_pid), s.mount_id(where.fd), target, where.st)
 
 
-def _staging_mounts(pid: int) -> dict[int, mountinfo.Mount]:
+def _mounts_of(pid: int) -> dict[int, mountinfo.Mount]:
     proc = os.open(f"/proc/{pid}", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         return mountinfo.read(proc)

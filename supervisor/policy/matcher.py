@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Final, Literal
 
 if TYPE_CHECKING:
@@ -227,6 +227,15 @@ class Policy:
     def needs_digest(self) -> bool:
         """Whether some rule matches on sha256, so requests must carry the image's digest."""
         return any(rule.match is not None and rule.match.sha256 is not None for rule in self.rules)
+
+    def digest_could_match(self, req: MountRequest) -> bool:
+        """Whether some digest rule matches `req` in everything but the digest: only then is an
+        image worth hashing (and copying), so an image no digest rule could take costs nothing."""
+        return any(
+            rule.match is not None and rule.match.sha256 is not None
+            and mismatch(rule, replace(req, sha256=rule.match.sha256[0])) is None
+            for rule in self.rules
+        )  # fmt: skip
 
     def evaluate(self, req: MountRequest) -> Decision:
         """Decide `req`; anything no rule mentions is denied, so a policy only ever widens."""
