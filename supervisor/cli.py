@@ -330,5 +330,6 @@ def _audit_stream(path: str | None, name: str) -> Iterator[TextIO]:
         os.makedirs(AUDIT_DIR, mode=0o700, exist_ok=True)
         path = os.path.join(AUDIT_DIR, f"{name}.log")
         print(f"mountwarden run: audit records go to {path}", file=sys.stderr)
-    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600), "a", buffering=1) as f:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+    with open(os.open(path, flags, 0o600), "a", buffering=1) as f:
         yield f

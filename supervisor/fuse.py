@@ -313,6 +313,8 @@ def _clone(daemon_pidfd: int, seen: tuple[int, int], attr_set: int) -> int:  # p
         raise KernelError(errno.EXDEV, "the daemon's mount changed before it could be attached")
     if _fs_magic(point) != FUSE_SUPER_MAGIC:
         raise KernelError(errno.EXDEV, "the daemon's mount point holds no FUSE mount")
+    if stager.covered(fd_dir, seen[0]):  # the unmount below would take the mount on top instead
+        raise KernelError(errno.EBUSY, "something was mounted over the daemon's mount before it could be attached")
     clone = fuse_jail.open_tree(point, fuse_jail.OPEN_TREE_CLONE | os.O_CLOEXEC | s.AT_EMPTY_PATH)
     # umount2 takes a path: give it the fd's magic link, resolved from the host's procfs.
     os.fchdir(fd_dir)

@@ -183,14 +183,7 @@ def _release(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  #
     fd = _held.get(staged, -1)
     if fd < 0:
         return {"released": True}, []
-    mnt_id, _ = identity(fd)
-    proc = os.open("..", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=_fd_dir)
-    try:
-        mounts = mountinfo.read(proc)
-    finally:
-        os.close(proc)
-    me = mounts.get(mnt_id)
-    if me is not None and any(m.parent_id == mnt_id and m.mount_point == me.mount_point for m in mounts.values()):
+    if covered(_fd_dir, identity(fd)[0]):
         return {"released": False}, []
     del _held[staged]
     try:
@@ -200,6 +193,19 @@ def _release(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  #
         os.chdir("/")
         os.close(fd)
     return {"released": True}, []
+
+
+def covered(fd_dir: int, mnt_id: int) -> bool:
+    """Whether a mount sits on the root of mount `mnt_id` in the caller's mount namespace, where
+    `fd_dir` is the caller's /proc/<pid>/fd in the host's procfs: an unmount through a path
+    or magic link would take that one instead (LOOKUP_MOUNTPOINT steps down)."""
+    proc = os.open("..", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd_dir)
+    try:
+        mounts = mountinfo.read(proc)
+    finally:
+        os.close(proc)
+    me = mounts.get(mnt_id)
+    return me is not None and any(m.parent_id == mnt_id and m.mount_point == me.mount_point for m in mounts.values())
 
 
 _OPS: Final = {"attach": _attach, "release": _release}

@@ -87,8 +87,8 @@ def rw_image(workdir: Path, images: dict[str, Path]) -> Path:
     return image
 
 
-@pytest.fixture
-def live(tmp_path: Path) -> Iterator[Live]:
+@pytest.fixture(name="live")
+def live_fixture(tmp_path: Path) -> Iterator[Live]:
     box = Live(tmp_path, "locked")
     try:
         yield box

@@ -7,24 +7,16 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from conftest import calls, descendants, read_audit, run_container, write_policy
-from test_locked_flags import Live
+from test_locked_flags import (
+    Live,
+    live_fixture,  # noqa: F401  (the `live` fixture, shared)
+)
 
 from supervisor import mountinfo
 from supervisor.audit import Limits
-
-
-@pytest.fixture
-def live(tmp_path: Path) -> Iterator[Live]:
-    box = Live(tmp_path, "redteam2")
-    try:
-        yield box
-    finally:
-        box.close()
 
 
 def _staging(live: Live) -> dict[int, mountinfo.Mount]:
