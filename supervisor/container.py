@@ -27,6 +27,7 @@ import errno
 import fcntl
 import json
 import os
+import posixpath
 import signal
 import socket
 import struct
@@ -35,7 +36,7 @@ import termios
 from dataclasses import dataclass, field
 from typing import Any, Final, NoReturn
 
-from . import cgroup, fdops, helperproc
+from . import cgroup, fdops, helperproc, stager
 from . import syscalls as s
 from .errors import KernelError
 from .idmap import IdRange
@@ -409,9 +410,10 @@ def _stage(spec: Spec) -> int:  # pragma: no cover - runs in the waiter
     mount point is reached through fds resolved beneath the root (see _ROOTFS_RESOLVE).
     The tree is cut off from the host's (private) before anything is mounted, then made
     shared: the init's copy has each mount as a slave of its staging original, so a mount
-    the stager later attaches here reaches the container with its flags locked (stager.py),
-    and nothing reaches the host or another container's staging namespace.
-    Returns an fd on the directory the container's /proc goes on.
+    the stager later attaches in the landing reaches the container with its flags locked
+    (stager.py), and nothing reaches the host or another container's staging namespace.
+    The waiter's working directory is the landing from here on. Returns an fd on the
+    directory the container's /proc goes on.
     """
     s.unshare(s.CLONE_NEWNS)
     s.mount(None, "/", None, s.MS_REC | s.MS_PRIVATE)
@@ -430,6 +432,7 @@ def _stage(spec: Spec) -> int:  # pragma: no cover - runs in the waiter
                 s.mount("tmpfs", _at(tmp), "tmpfs", s.MS_NOSUID | s.MS_NODEV, "mode=1777")
         s.mount("tmpfs", _at(dev), "tmpfs", s.MS_NOSUID | s.MS_NOEXEC, "mode=755,size=1m")
         _fill_dev(_hold(fds, _beneath(root, "dev", _HOST_RESOLVE)))
+        os.fchdir(_hold(fds, _beneath(root, stager.LANDING, _HOST_RESOLVE)))  # Session.start finds it here
         sysfs = _hold(fds, _beneath(root, "sys", _HOST_RESOLVE))
         for view in BLOCK_VIEWS:
             with contextlib.suppress(FileNotFoundError):
@@ -480,6 +483,7 @@ def _fill_dev(dev: int) -> None:  # pragma: no cover - runs in the waiter
         os.chmod(name, 0o666, dir_fd=dev)
     os.mkdir("pts", dir_fd=dev)
     os.mkdir("shm", dir_fd=dev)
+    os.mkdir(posixpath.basename(stager.LANDING), 0o700, dir_fd=dev)  # host root's: the container cannot enter
     shm = fdops.openat2(dev, "shm", os.O_PATH | os.O_DIRECTORY, _ROOTFS_RESOLVE)
     try:
         s.mount("tmpfs", _at(shm), "tmpfs", s.MS_NOSUID | s.MS_NODEV, "mode=1777")

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import ctypes
 import os
+import struct
 from typing import Final
 
 from .errors import KernelError
-from .syscalls import NR_OPEN_TREE
+from .syscalls import AT_EMPTY_PATH, NR_OPEN_TREE
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -42,14 +43,14 @@ def _check(ret: int, what: str, path: str) -> int:
     return ret
 
 
-def clone_tree(dir_fd: int, path: str) -> int:
-    """A detached copy of the mount at `path` (and the mounts below it as they are now).
+def clone_tree(dir_fd: int, path: str, *, recursive: bool = True) -> int:
+    """A detached copy of the mount at `path` (and, `recursive`, the mounts below it as they are now).
 
     OPEN_TREE_CLONE alone is refused (EINVAL) for a mount with locked children, such as the
-    container's /dev with its /dev/shm, so the copy is recursive; mounts added later in the
-    original tree never appear in the copy.
+    container's /dev with its /dev/shm, so the copy is recursive by default; mounts added
+    later in the original tree never appear in the copy.
     """
-    flags = OPEN_TREE_CLONE | AT_RECURSIVE | os.O_CLOEXEC
+    flags = OPEN_TREE_CLONE | os.O_CLOEXEC | (AT_RECURSIVE if recursive else 0)
     return _check(
         _libc.syscall(ctypes.c_long(NR_OPEN_TREE), ctypes.c_long(dir_fd), os.fsencode(path), ctypes.c_long(flags)),
         "open_tree",
@@ -84,3 +85,17 @@ def set_owner(fd: int, uid: int, gid: int, mode: int) -> None:
     link = f"/proc/self/fd/{fd}"
     os.chown(link, uid, gid)
     os.chmod(link, mode)
+
+
+def identity(fd: int) -> tuple[int, int]:
+    """(mount id, device) of what `fd` is on. statx with an empty mask: a FUSE mount of another
+    user namespace refuses every other attribute to host root (EACCES), not these two."""
+    buf = ctypes.create_string_buffer(256)
+    if _libc.statx(fd, b"", AT_EMPTY_PATH | _AT_SYMLINK_NOFOLLOW, 0, buf) != 0:
+        raise KernelError(ctypes.get_errno(), "statx")
+    major, minor = struct.unpack_from("<II", buf.raw, 0x88)
+    (mnt_id,) = struct.unpack_from("<Q", buf.raw, 0x90)
+    return mnt_id, os.makedev(major, minor)
+
+
+_AT_SYMLINK_NOFOLLOW: Final = 0x100

@@ -6,14 +6,13 @@ only, a clean environment and the container's own seccomp filter, whose listener
 serves like the container's. It opens the image (a bind of the supervisor's fd) with the
 caller's rights and mounts FUSE on its private mount point, which the kernel allows a user
 namespace; the supervisor then clones that mount, sets the forced flags on the clone and
-attaches it at the container's target, through the staging namespace where it can (stager.py),
-so that the kernel locks those flags against every process of the container. A hostile image
+attaches it at the container's target, by way of the staging namespace where there is one
+(stager.py), so that the kernel locks those flags against every process of the container. A hostile image
 can at worst crash an unprivileged process of the container, and a daemon the container takes
 over can do nothing the container's root cannot.
 The daemon lives in the container's pid namespace and cgroups, so it ends with the container
-whatever way the container or the supervisor ends, and it ends with its mount: once the clone
-is the superblock's only mount, unmounting it ends the FUSE connection (a staging original is
-let go as soon as the container holds no mount of the superblock, see Session.add_daemon).
+whatever way the container or the supervisor ends, and it ends with its mount: the container's
+mount is the superblock's only one, so unmounting it ends the FUSE connection.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ import ctypes
 import errno
 import json
 import os
-import re
 import select
 import shutil
 import signal
@@ -36,7 +34,7 @@ from typing import Any, Final
 
 import prctl
 
-from . import fuse_jail, stager
+from . import fdops, fuse_jail, mountinfo
 from . import syscalls as s
 from .errors import KernelError
 from .policy import Policy
@@ -78,22 +76,6 @@ class FuseDaemon:
             if fd >= 0:
                 os.close(fd)
         self.pidfd = self.listener = -1
-
-
-def mounts(mountinfo: str) -> dict[int, tuple[str, str, int]]:
-    """Mount id -> (mount point, fstype, st_dev) from a /proc/<pid>/mountinfo text.
-
-    The supervisor cannot stat a FUSE mount of the container (the kernel lets only the FUSE
-    connection's user namespace in, even with allow_other), so it learns about the mount here.
-    """
-    found = {}
-    for line in mountinfo.splitlines():
-        fields = line.split()
-        sep = fields.index("-")
-        major, minor = (int(x) for x in fields[2].split(":"))
-        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
-        found[int(fields[0])] = (point, fields[sep + 1], os.makedev(major, minor))
-    return found
 
 
 def missing_daemons(policy: Policy) -> list[str]:
@@ -219,7 +201,7 @@ def wait_mounted(
     shortened), so the audit line says which daemon refused the image and why.
     """
     deadline = time.monotonic() + timeout
-    mountinfo = f"/proc/{daemon.pid}/mountinfo"
+    table = f"/proc/{daemon.pid}/mountinfo"
     calls = select.poll()
     calls.register(daemon.listener, select.POLLIN)
     try:
@@ -228,10 +210,10 @@ def wait_mounted(
             if any(events & select.POLLIN for _, events in calls.poll(5)):
                 serve(daemon.listener)
             with contextlib.suppress(OSError):
-                with open(mountinfo) as f:
-                    for mnt_id, (point, kind, dev) in mounts(f.read()).items():
-                        if point == fuse_jail.MOUNT_POINT and kind.startswith("fuse"):
-                            return mnt_id, dev
+                with open(table) as f:
+                    for m in mountinfo.parse(f.read()).values():
+                        if m.mount_point == fuse_jail.MOUNT_POINT and m.fstype.startswith("fuse"):
+                            return m.mnt_id, m.dev
             if not daemon.alive():
                 stderr = os.pread(err_fd, 4096, 0)
                 text = " ".join(stderr.decode(errors="replace").split())[:_STDERR_MAX] or "no message"
@@ -259,7 +241,7 @@ def attach(
     flags on the detached clone, before it is attached anywhere. Given `target_fd`, the child
     enters the container's mount namespace (`ns_pidfd`) and attaches the clone there, and the
     result is (its mount id, its device, -1); otherwise it is (-1, -1, an fd on the detached
-    clone) for the stager to attach (stager.py), where the kernel locks the flags.
+    clone) to land through staging (stager.py), where the kernel locks the flags.
     """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     child = os.fork()
@@ -275,7 +257,7 @@ def attach(
             else:
                 s.setns(ns_pidfd, s.CLONE_NEWNS)
                 s.move_mount(clone, target_fd)
-                mnt_id, dev = stager.identity(clone)
+                mnt_id, dev = fdops.identity(clone)
                 result = {"errno": 0, "mnt_id": mnt_id, "dev": dev}
         except KernelError as exc:
             result = {"errno": exc.errno or errno.EIO, "error": exc.what}
@@ -309,11 +291,11 @@ def _clone(daemon_pidfd: int, seen: tuple[int, int], attr_set: int) -> int:  # p
     fd_dir = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)  # the host's procfs
     s.setns(daemon_pidfd, s.CLONE_NEWNS)
     point = os.open(fuse_jail.MOUNT_POINT, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC)
-    if stager.identity(point) != seen:
+    if fdops.identity(point) != seen:
         raise KernelError(errno.EXDEV, "the daemon's mount changed before it could be attached")
     if _fs_magic(point) != FUSE_SUPER_MAGIC:
         raise KernelError(errno.EXDEV, "the daemon's mount point holds no FUSE mount")
-    if stager.covered(fd_dir, seen[0]):  # the unmount below would take the mount on top instead
+    if mountinfo.covered(fd_dir, seen[0]):  # the unmount below would take the mount on top instead
         raise KernelError(errno.EBUSY, "something was mounted over the daemon's mount before it could be attached")
     clone = fuse_jail.open_tree(point, fuse_jail.OPEN_TREE_CLONE | os.O_CLOEXEC | s.AT_EMPTY_PATH)
     # umount2 takes a path: give it the fd's magic link, resolved from the host's procfs.

@@ -29,7 +29,6 @@ Reply = dict[str, Any]
 Op = Callable[[dict[str, Any], list[int]], tuple[Reply, list[int]]]
 
 
-
 def name_process(comm: str, title: str) -> None:
     """Name this process so `ps` tells it apart: its comm, and its command line where that is safe.
 

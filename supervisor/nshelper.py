@@ -6,8 +6,9 @@ forked once when its session starts (no fork or exec per request). It is host ro
 container's mount namespace with CAP_SYS_ADMIN only: it never resolves a path the container
 gave with host credentials (it works on fds the supervisor resolved; an unmount, which only a
 path can name, runs as the container's root), and it never makes a superblock (the minter
-does, from the host device itself). For `run`'s containers the stager attaches a mount in the
-staging namespace instead, where the target allows (see stager.py). Before the container's
+does, from the host device itself). For `run`'s containers a mount comes by way of the
+staging namespace, where the kernel locks its flags, and the helper attaches a clone of the
+copy that propagated in (`Land`, see stager.py). Before the container's
 command runs the helper hands the supervisor private copies of the container's /dev and /sys
 views (`CloneViews`).
 """
@@ -48,6 +49,20 @@ class Mount:
     attrs: list[str]
     sb_flags: list[str]
     fs_options: list[str]
+
+
+@dataclass(frozen=True)
+class Land:
+    """Clone the mount in slot `slot` of the landing (fds[0], the container's copy of it), check it
+    is on device `dev`, make the clone private and attach it on fds[1]. Replies with its mount id.
+
+    The copy propagated in from staging with its flags locked; the clone keeps the locks, and
+    private, nothing later mounted in staging or the landing reaches it.
+    """
+
+    op: ClassVar[str] = "land"
+    slot: str
+    dev: int
 
 
 @dataclass(frozen=True)
@@ -106,7 +121,7 @@ class CloneViews:
     paths: list[str]
 
 
-Request = Mount | Unmount | SetAttr | Reconfigure | CloneViews
+Request = Mount | Land | Unmount | SetAttr | Reconfigure | CloneViews
 
 
 class NsHelper:
@@ -114,22 +129,24 @@ class NsHelper:
 
     def __init__(self, helper: HelperProcess, minter: HelperProcess, stager_: HelperProcess | None = None) -> None:
         self.helper, self.minter, self.stager = helper, minter, stager_
+        self._slots = 0  # landing slots used so far: each mount lands in a fresh one
 
     @property
     def pid(self) -> int:
         return self.helper.pid
 
     @classmethod
-    def start(cls, pidfd: int, staging_pidfd: int = -1) -> NsHelper:
+    def start(cls, pidfd: int, staging_pidfd: int = -1, landing_fd: int = -1) -> NsHelper:
         """Fork the minter, the helper moved into the mount namespace of the task behind `pidfd`,
-        and, given `staging_pidfd` (the waiter of `run`), the stager in the staging namespace."""
+        and, given `staging_pidfd` (the waiter of `run`), the stager in the staging namespace,
+        where `landing_fd` is the landing (stager.py)."""
         started: list[HelperProcess] = []
         try:
             started.append(minter.start())
             caps = (prctl.CAP_SYS_ADMIN, prctl.CAP_SETUID, prctl.CAP_SETGID)
             started.append(HelperProcess.spawn("mw-nshelper", caps, lambda: _enter(pidfd), _OPS, keep=(pidfd,)))
             if staging_pidfd >= 0:
-                started.append(stager.start(staging_pidfd))
+                started.append(stager.start(staging_pidfd, landing_fd))
         except BaseException:
             for proc in started:
                 proc.close()
@@ -143,36 +160,35 @@ class NsHelper:
             os.close(fd)
         return reply
 
-    def mount(
-        self, request: Mount, target_fd: int, userns_fd: int, staged: stager.Plan | None = None
-    ) -> dict[str, Any]:
-        """Mint the superblock from the host device, then idmap and attach it on `target_fd`.
-
-        With `staged`, the stager attaches it in the staging namespace instead, and the reply's
-        `staged` names the staging mount (to `release` later).
-        """
+    def mount(self, request: Mount, target_fd: int, userns_fd: int, landing_fd: int = -1) -> dict[str, Any]:
+        """Mint the superblock from the host device, then idmap and attach it on `target_fd`:
+        by way of staging given the container's `landing_fd` (flags locked), else directly."""
         minted, got = self.minter.call({"op": "mint", **dataclasses.asdict(request)})
         try:
             if len(got) != 1:
                 raise KernelError(errno.EIO, "the minter sent no mount")
-            if staged is None:
+            if landing_fd < 0:
                 attached = self.call(request, (got[0], target_fd, userns_fd))
             else:
-                assert self.stager is not None
-                fields = {"idmap": request.idmap, **dataclasses.asdict(staged)}
-                attached, _ = self.stager.call({"op": "attach", **fields}, (got[0], userns_fd))
+                attached = self.land(got[0], target_fd, landing_fd, minted["dev"], userns_fd if request.idmap else -1)
         finally:
             for fd in got:
                 os.close(fd)
         return {**minted, **attached}
 
-    def release(self, staged: int) -> bool:
-        """Detach the staging mount `staged`, with whatever copies of it are left in place; False
-        while another staged mount sits on its root (try again later)."""
-        if self.stager is None:
-            return True
-        reply, _ = self.stager.call({"op": "release", "staged": staged})
-        return bool(reply["released"])
+    def land(self, mnt_fd: int, target_fd: int, landing_fd: int, dev: int, idmap_userns: int = -1) -> dict[str, Any]:
+        """Attach the detached mount `mnt_fd` (on device `dev`) on `target_fd` by way of the staging
+        namespace (stager.py), idmapped first given `idmap_userns`. Replies with `mnt_id` and `idmapped`."""
+        assert self.stager is not None, "landing needs the staging namespace of `run`"
+        self._slots += 1
+        slot = str(self._slots)
+        fds = (mnt_fd, idmap_userns) if idmap_userns >= 0 else (mnt_fd,)
+        staged, _ = self.stager.call({"op": "stage", "slot": slot}, fds)
+        try:
+            landed = self.call(Land(slot, dev), (landing_fd, target_fd))
+        finally:
+            self.stager.call({"op": "unstage", "slot": slot})
+        return {**staged, **landed}
 
     def clone_views(self, root_fd: int, paths: list[str]) -> dict[str, int]:
         """Private detached copies of the container's mounts at `paths`; absent ones are left out."""
@@ -202,6 +218,20 @@ def _attach(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  # 
     idmapped = req["idmap"] and stager.idmap(mnt_fd, userns_fd)
     s.move_mount(mnt_fd, target_fd)
     return {"idmapped": idmapped}, []
+
+
+def _land(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  # pragma: no cover - in the helper
+    landing_fd, target_fd = fds
+    clone = fdops.clone_tree(landing_fd, str(req["slot"]), recursive=False)
+    try:
+        if fdops.identity(clone)[1] != int(req["dev"]):
+            raise KernelError(errno.EXDEV, "the landed mount is not on the expected device")
+        s.mount_setattr(clone, 0, 0, propagation=s.MS_PRIVATE)
+        s.move_mount(clone, target_fd)
+        mnt_id = fdops.identity(clone)[0]  # a FUSE mount refuses host root the mask mount_id asks for
+    finally:
+        os.close(clone)
+    return {"mnt_id": mnt_id}, []
 
 
 def _umount(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  # pragma: no cover - in the helper
@@ -315,6 +345,6 @@ def _clone_views(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]
 
 
 _OPS: Final = {
-    Mount.op: _attach, Unmount.op: _umount, SetAttr.op: _setattr, Reconfigure.op: _reconfigure,
+    Mount.op: _attach, Land.op: _land, Unmount.op: _umount, SetAttr.op: _setattr, Reconfigure.op: _reconfigure,
     CloneViews.op: _clone_views,
 }  # fmt: skip

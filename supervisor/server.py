@@ -114,23 +114,18 @@ def run_until_exit(session: Session, child_pidfd: int, extra: dict[int, Any] | N
                     del daemons[fd]
                     session.reap_daemons()
                     _watch_daemons(poller, session, daemons)  # the reaped daemons' fds are closed
-                elif daemons.get(fd) == "mounts":  # the container's mount table changed
-                    session.sweep()
     finally:
         poller.close()
 
 
 def _watch_daemons(poller: select.epoll, session: Session, watched: dict[int, str]) -> None:
-    """Keep one registration per live daemon's pidfd and listener, and one on the container's
-    mount table while a FUSE mount's staging original is held (a closed fd leaves epoll by itself)."""
+    """Keep one registration per live daemon's pidfd and listener (a closed fd leaves epoll by itself)."""
     current = {fd: kind for d in session.daemons.values()
                for fd, kind in ((d.pidfd, "pidfd"), (d.listener, "listener")) if fd >= 0}  # fmt: skip
-    if session.mount_events >= 0:
-        current[session.mount_events] = "mounts"
     for fd in list(watched):
         if fd not in current:
             del watched[fd]
     for fd, kind in current.items():
         if fd not in watched:
-            poller.register(fd, select.EPOLLPRI if kind == "mounts" else select.EPOLLIN)
+            poller.register(fd, select.EPOLLIN)
             watched[fd] = kind

@@ -10,19 +10,18 @@ signal, the container's namespaces die with it, and autoclear detaches the loop 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import os
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from . import loop
+from . import fdops, loop, mountinfo, stager
 from .audit import AuditLimiter
 from .cgroup import DeviceCgroup
 from .errors import KernelError
 from .fuse import FuseDaemon
-from .fuse import mounts as fuse_mounts
 from .loop.pool import LoopPool
 from .loop.sysview import SysView
 from .nshelper import NsHelper
@@ -50,7 +49,6 @@ class MountRecord:
     forced: tuple[str, ...]
     rule: str | None
     slot: int = -1  # the container's own number for the loop device
-    staged: int = -1  # the staging original the container's mount propagated from (stager.py)
 
 
 @dataclass
@@ -75,9 +73,8 @@ class Session:
     owner: tuple[int, int] = (0, 0)  # host uid and gid of the container's root
     cgroup_paths: list[str] = field(default_factory=list)
     daemons: dict[int, FuseDaemon] = field(default_factory=dict)  # mount id -> the FUSE daemon serving it
-    mount_events: int = -1  # the container's mountinfo, polled for changes (EPOLLPRI): see `add_daemon`
     tree_at_start: Tree | None = None  # mounts before the command ran: what "the host's file" means
-    staging_pid: int = -1  # the waiter of `run`, in whose mount namespace the stager attaches
+    landing: int = -1  # the container's landing directory, for `run`'s containers (stager.py)
     closed: bool = False
     _dirs: list[int] = field(default_factory=list)
     audit: AuditLimiter = field(init=False)  # the container's share of the audit log
@@ -90,7 +87,8 @@ class Session:
 
         `owner` is the host uid and gid of the container's root; the pool's nodes belong to it.
         `staging_pid` is `run`'s waiter (a child of ours, so the pid is stable until we reap
-        it): the stager joins its mount namespace, where mounts get locked flags (stager.py).
+        it): the stager joins its mount namespace, and mounts land by way of it with locked
+        flags (stager.py); the waiter's working directory is the landing there.
         Call before the container's command runs: the directories are opened now, while they
         are certainly the ones made for the container.
         """
@@ -99,23 +97,23 @@ class Session:
         notify.set_sync_wakeup(self.listener)
         self.pidfd = pidfd_open(self.init_pid)
         self.tree_at_start = Tree.take(self.init_pid)
-        staging = pidfd_open(staging_pid) if staging_pid > 0 else -1
-        try:
-            self.helper = NsHelper.start(self.pidfd, staging)
-        finally:
-            if staging >= 0:
-                os.close(staging)
-        self.staging_pid = staging_pid
-        self.userns_fd = os.open(f"/proc/{self.init_pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
-        mntns = os.stat(f"/proc/{self.init_pid}/ns/mnt")
-        self.mntns = (mntns.st_dev, mntns.st_ino)
-        # The pool works in private copies of these mounts: a dirfd on the container's own
-        # mount would still walk into binds the container puts over names below it.
-        root = os.open(f"/proc/{self.init_pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
+        with contextlib.ExitStack() as stack:
+            staging = landing = -1
+            if staging_pid > 0:
+                staging = _closing(stack, pidfd_open(staging_pid))
+                landing = _closing(stack, _landing(f"/proc/{staging_pid}/cwd"))
+            self.helper = NsHelper.start(self.pidfd, staging, landing)
+            self.userns_fd = os.open(f"/proc/{self.init_pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+            mntns = os.stat(f"/proc/{self.init_pid}/ns/mnt")
+            self.mntns = (mntns.st_dev, mntns.st_ino)
+            root = _closing(stack, os.open(f"/proc/{self.init_pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+            if landing >= 0:
+                self.landing = _landing(stager.LANDING, root)
+                if _inode(self.landing) != _inode(landing):
+                    raise KernelError(errno.EXDEV, "the container's landing is not the staging one", stager.LANDING)
+            # The pool works in private copies of these mounts: a dirfd on the container's own
+            # mount would still walk into binds the container puts over names below it.
             clones = self.helper.clone_views(root, [_DEV_VIEW, *_SYS_VIEWS])
-        finally:
-            os.close(root)
         self._dirs.extend(clones.values())
         if _DEV_VIEW not in clones or _SYS_VIEWS[0] not in clones:
             raise KernelError(errno.ENOENT, "the container has no /dev or /sys/block of its own to manage")
@@ -188,25 +186,11 @@ class Session:
             if dev in live:
                 continue
             self.mounts.pop(record.mnt_id, None)  # the original went with a parent (MNT_DETACH)
-            if record.staged >= 0 and (helper := self.helper) is not None:
-                # else the staging original holds the device (or the FUSE connection)
-                if not self._released(helper, record.staged):
-                    continue  # another staged mount sits on it: the next sweep tries again
-                record = dataclasses.replace(record, staged=-1)
-                self.superblocks[dev] = record
             if record.loop >= 0 and self.pool is not None:
                 self.pool.last_use_ended(record.loop)
             if record.loop < 0 or self.pool is None or not self.pool.holds(record.loop):
                 del self.superblocks[dev]
         return live
-
-    def _released(self, helper: NsHelper, staged: int) -> bool:
-        """Release a staging original; a failure is logged and counts as done (never retried forever)."""
-        try:
-            return helper.release(staged)
-        except Exception:
-            self.log.exception("cleanup-step-failed", step="releasing a staging original")
-            return True
 
     def _live_devs(self) -> set[int]:
         try:
@@ -239,12 +223,12 @@ class Session:
         pool = self.pool
         self._step("releasing the loop pool", self._close_pool)
         self._step("stopping the namespace helper", self._close_helper)
-        for fd in (*self._dirs, self.listener, self.pidfd, self.userns_fd, self.mount_events):
+        for fd in (*self._dirs, self.listener, self.pidfd, self.userns_fd, self.landing):
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._dirs.clear()
-        self.listener = self.pidfd = self.userns_fd = self.mount_events = -1
+        self.listener = self.pidfd = self.userns_fd = self.landing = -1
         self.mounts.clear()
         self.superblocks.clear()
         # Autoclear runs asynchronously once the namespace's last holder is gone.
@@ -256,19 +240,10 @@ class Session:
         return stuck
 
     def add_daemon(self, record: MountRecord, daemon: FuseDaemon) -> None:
-        """Track a FUSE mount and its daemon.
-
-        A FUSE mount attached through staging keeps its staging original, which holds the
-        connection as well, until `sweep` sees the container hold no mount of the superblock.
-        The container unmounts FUSE mounts natively (the supervisor cannot even look them up),
-        so the server sweeps whenever `mount_events` says the container's mount table changed:
-        the original goes, and the daemon ends by itself as it would without staging.
-        """
+        """Track a FUSE mount and its daemon (which ends by itself once its last mount is gone)."""
         self.mounts[record.mnt_id] = record
         self.superblocks[record.dev] = record
         self.daemons[record.mnt_id] = daemon
-        if record.staged >= 0 and self.mount_events < 0:
-            self.mount_events = os.open(f"/proc/{self.init_pid}/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
 
     def reap_daemons(self) -> None:
         """Forget FUSE daemons that ended; one that died under a live mount is an error to log.
@@ -281,7 +256,7 @@ class Session:
             return
         try:
             with open(f"/proc/{self.init_pid}/mountinfo") as f:
-                live = set(fuse_mounts(f.read()))
+                live = set(mountinfo.parse(f.read()))
         except OSError:  # the container is gone, and its mounts with it
             live = set()
         for mnt_id, daemon in exited.items():
@@ -310,3 +285,30 @@ class Session:
         if self.helper is not None:
             helper, self.helper = self.helper, None
             helper.close()
+
+
+def _closing(stack: contextlib.ExitStack, fd: int) -> int:
+    stack.callback(os.close, fd)
+    return fd
+
+
+def _landing(path: str, dir_fd: int | None = None) -> int:
+    """An O_PATH fd on a landing directory (stager.py), checked to be host root's and closed to others.
+
+    Opened before the container's command runs, so no process of the container has had a
+    chance to change the tree; the checks only make a mistake in the set-up loud.
+    """
+    if dir_fd is None:
+        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    else:
+        fd = fdops.openat2(dir_fd, path, os.O_PATH | os.O_DIRECTORY, fdops.RESOLVE_BENEATH | fdops.RESOLVE_NO_SYMLINKS)
+    st = os.fstat(fd)
+    if st.st_uid != 0 or stat.S_IMODE(st.st_mode) != 0o700:
+        os.close(fd)
+        raise KernelError(errno.EPERM, "the landing directory is not host root's alone", path)
+    return fd
+
+
+def _inode(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino

@@ -211,9 +211,10 @@ class MountAttr(ctypes.Structure):
     ]
 
 
-def mount_setattr(fd: int, attr_set: int, attr_clr: int, userns_fd: int = 0) -> None:
-    """Change the attributes of the mount `fd` refers to; `userns_fd` with MOUNT_ATTR_IDMAP."""
-    attr = MountAttr(attr_set, attr_clr, 0, userns_fd)
+def mount_setattr(fd: int, attr_set: int, attr_clr: int, userns_fd: int = 0, propagation: int = 0) -> None:
+    """Change the attributes of the mount `fd` refers to; `userns_fd` with MOUNT_ATTR_IDMAP,
+    `propagation` one of MS_PRIVATE, MS_SLAVE, MS_SHARED, MS_UNBINDABLE (0 leaves it)."""
+    attr = MountAttr(attr_set, attr_clr, propagation, userns_fd)
     _syscall(
         NR_MOUNT_SETATTR,
         fd,

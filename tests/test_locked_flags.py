@@ -1,4 +1,4 @@
-"""Forced flags the kernel locks: `run`'s image mounts propagate in from the staging namespace.
+"""Forced flags the kernel locks: `run`'s image mounts land by way of the staging namespace.
 
 The attacker here is a process of the container that the filter never sees: the test enters
 the container's user and mount namespaces itself (nsenter, as the container's root) and makes
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import descendants, mountwarden, read_audit, run_container, write_policy
 
-from supervisor import mountinfo, stager
+from supervisor import mountinfo
 
 FORCED = ["nosuid", "nodev", "noexec"]
 
@@ -103,7 +103,6 @@ def test_an_unfiltered_process_of_the_container_cannot_clear_the_flags(
     assert live.ask(f"{mc} mount {rw_image} {mnt} ext4 0") == "OK"
     mount = live.mount_of(mnt)
     assert mount is not None and {"rw", *FORCED} <= set(mount.options.split(","))
-    assert any(t.startswith("master:") for t in mount.tags)  # a copy from staging, not the helper's own
     locked = [d for d in live.decisions() if d.get("syscall") == "mount"]
     assert locked[-1]["flags_locked"] is True, locked[-1]
     status = live.unfiltered("grep", "-c", "^Seccomp:.0", "/proc/self/status")
@@ -147,24 +146,47 @@ def test_a_read_only_mount_stays_read_only_and_a_bind_remount_still_answers(
     assert live.ask(f"{mc} umount {mnt}") == "OK"
 
 
-def test_where_the_kernel_cannot_lock_the_helper_attaches_and_says_so(
-    live: Live, images: dict[str, Path], mountcall: Path, mnt: Path
+def test_a_target_on_a_tmpfs_of_the_container_still_gets_kernel_locked_flags(
+    live: Live, images: dict[str, Path], rw_image: Path, mountcall: Path, mnt: Path
 ) -> None:
+    """A tmpfs the container mounted has no staging original; the mount still lands locked."""
     mc = str(mountcall)
-    # A tmpfs of the container's own: no staging original to attach beneath.
+    sub = mnt / "sub"
     assert live.ask(f"{mc} mount tmpfs {mnt} tmpfs 0") == "OK"
-    assert live.ask(f"mkdir {mnt}/sub && echo made") == "made"
-    assert live.ask(f"{mc} mount {images['ext4']} {mnt}/sub ext4 ro") == "OK"
+    assert live.ask(f"mkdir {sub} && echo made") == "made"
+    assert live.ask(f"{mc} mount {rw_image} {sub} ext4 0") == "OK"
+    mount = live.mount_of(sub)
+    assert mount is not None and {"rw", *FORCED} <= set(mount.options.split(","))
+    decision = [d for d in live.decisions(at_least=2) if d.get("fstype") == "ext4"][-1]
+    assert decision["flags_locked"] is True, decision
+    attacks = live.unfiltered(mc, "seq", "mount", "-", str(sub), "-", "remount,bind", ";",
+                              "setattr-clear", str(sub), ";", "open-tree-attr-clear", str(sub))  # fmt: skip
+    assert attacks == ["EPERM", "EPERM", "EPERM"]
     # A mount namespace the container unshared is not served at all (EPERM, before any policy
     # or device work), as an unprivileged container's kernel would answer there.
-    nested = f"unshare -m --propagation unchanged {mc} mount {images['ext4']} {mnt}/sub ext4 ro"
+    nested = f"unshare -m --propagation unchanged {mc} mount {images['ext4']} {sub} ext4 ro"
     assert live.ask(nested) == "EPERM"
-    decisions = [d for d in live.decisions(at_least=3) if d.get("syscall") == "mount" and d.get("fstype") == "ext4"]
-    assert [(d.get("flags_locked"), d["result"]) for d in decisions] == [(False, "OK"), (None, "EPERM")], decisions
-    assert "the container made" in str(decisions[0]["flags_unlocked_because"])
-    assert "own mount namespace" in str(decisions[1]["error"])
-    assert live.ask(f"{mc} umount {mnt}/sub") == "OK"
+    assert "own mount namespace" in str(live.decisions(at_least=3)[-1]["error"])
+    assert live.ask(f"{mc} umount {sub}") == "OK"
     assert live.ask(f"{mc} umount {mnt}") == "OK"
+
+
+def test_the_landing_is_closed_to_the_container_and_left_empty(
+    live: Live, images: dict[str, Path], mountcall: Path, mnt: Path
+) -> None:
+    """Mounts land in /dev/.mountwarden by way of staging; the container can neither enter it nor
+    find anything left there, and the mount it got is its own to unmount."""
+    mc = str(mountcall)
+    assert live.ask(f"{mc} mount {images['ext4']} {mnt} ext4 ro") == "OK"
+    assert live.ask("ls -a /dev/.mountwarden").endswith("Permission denied")
+    assert live.ask(f"{mc} mount tmpfs /dev/.mountwarden/1 tmpfs 0") == "EACCES"
+    assert live.unfiltered("ls", "-A", "/dev/.mountwarden") == []
+    with open(f"/proc/{live.init}/mountinfo") as f:
+        assert ".mountwarden" not in f.read()
+    mount = live.mount_of(mnt)
+    assert mount is not None and not any(t.startswith(("master:", "shared:")) for t in mount.tags), mount
+    assert live.unfiltered("umount", str(mnt)) == []  # not MNT_LOCKED: the container's to unmount
+    assert live.mount_of(mnt) is None
 
 
 def test_nothing_reaches_the_host_or_another_container(
@@ -213,7 +235,6 @@ def _fuse_mounted(live: Live, image: Path, mnt: Path, mountcall: Path) -> tuple[
     mount = live.mount_of(mnt)
     assert mount is not None and mount.fstype.startswith("fuse")
     assert {"ro", *FORCED} <= set(mount.options.split(","))
-    assert any(t.startswith("master:") for t in mount.tags)  # propagated from staging ...
     decision = [d for d in live.decisions() if d.get("syscall") == "mount"][-1]
     assert decision["action"] == "fuse" and decision["flags_locked"] is True, decision
     daemon = int(str(decision["daemon_pid"]))
@@ -239,25 +260,27 @@ def test_fuse_mounts_get_locked_flags_and_their_unmount_still_ends_the_daemon(
     assert live_fuse.ask(f"{mc} umount {mnt}") == "OK"
     assert live_fuse.ask(f"cat {bind}/pub.txt") == "public"
     # ... but once the container's last mount of it is gone (unmounted natively, as any FUSE
-    # mount of its own), the staging original goes too, and the daemon ends.
+    # mount of its own), the daemon ends.
     assert live_fuse.ask(f"{mc} umount {bind}") == "OK"
     assert live_fuse.mount_of(mnt) is None and live_fuse.mount_of(bind) is None
     assert _gone(daemon), "the FUSE daemon outlived its last mount"
 
 
-def test_fuse_mounts_fall_back_to_the_direct_attach_where_the_kernel_cannot_lock(
+def test_fuse_mounts_on_a_tmpfs_of_the_container_get_locked_flags_too(
     live_fuse: Live, images: dict[str, Path], mountcall: Path, mnt: Path
 ) -> None:
     mc = str(mountcall)
+    sub = mnt / "sub"
     assert live_fuse.ask(f"{mc} mount tmpfs {mnt} tmpfs 0") == "OK"
-    assert live_fuse.ask(f"mkdir {mnt}/sub && echo made") == "made"
-    assert live_fuse.ask(f"{mc} mount {images['ext4']} {mnt}/sub ext4 ro") == "OK"
-    mount = live_fuse.mount_of(mnt / "sub")
+    assert live_fuse.ask(f"mkdir {sub} && echo made") == "made"
+    assert live_fuse.ask(f"{mc} mount {images['ext4']} {sub} ext4 ro") == "OK"
+    mount = live_fuse.mount_of(sub)
     assert mount is not None and {"ro", *FORCED} <= set(mount.options.split(","))
     decision = [d for d in live_fuse.decisions(at_least=2) if d.get("fstype") == "ext4"][-1]
-    assert decision["flags_locked"] is False and "the container made" in str(decision["flags_unlocked_because"])
-    assert live_fuse.ask(f"cat {mnt}/sub/pub.txt") == "public"
-    assert live_fuse.ask(f"{mc} umount {mnt}/sub") == "OK"
+    assert decision["flags_locked"] is True, decision
+    assert live_fuse.unfiltered(mc, "setattr-clear", str(sub)) == ["EPERM"]
+    assert live_fuse.ask(f"cat {sub}/pub.txt") == "public"
+    assert live_fuse.ask(f"{mc} umount {sub}") == "OK"
     assert _gone(int(str(decision["daemon_pid"])))
     assert live_fuse.ask(f"{mc} umount {mnt}") == "OK"
 
@@ -280,36 +303,11 @@ def test_sigkill_with_a_locked_fuse_mount_leaves_nothing(
     # no_leaks checks that the mounts, the helpers, the daemon and the container are gone
 
 
-def _mount(mnt_id: int, parent: int, root: str, point: str, *tags: str, dev: int = 1) -> mountinfo.Mount:
-    return mountinfo.Mount(mnt_id, parent, dev, root, point, "rw", "ext4", "/dev/x", tags)
-
-
-def test_plan_walks_beneath_the_staging_original_from_the_same_filesystem_path() -> None:
-    """Roots differ when the container bound a subdirectory: the walk starts at the original's root."""
-    st = os.stat("/")
-    container = {10: _mount(10, 1, "/srv", "/data", "master:7")}
-    staging = {70: _mount(70, 1, "/", "/", "shared:3"), 71: _mount(71, 70, "/", "/host/srv-fs", "shared:7")}
-    plan = stager.plan(container, staging, 10, "/data/a/b", st)
-    assert isinstance(plan, stager.Plan)
-    assert (plan.staging_id, plan.mount_point, plan.under, plan.parent_id) == (71, "/host/srv-fs", "srv/a/b", 10)
-    assert stager.plan(container, staging, 10, "/data", st).under == "srv"  # type: ignore[union-attr]
-
-
-def test_plan_refuses_mounts_without_a_staging_original() -> None:
-    st = os.stat("/")
-    own = {10: _mount(10, 1, "/", "/mnt", "shared:9")}
-    assert "made" in str(stager.plan(own, {}, 10, "/mnt", st))
-    outside = {10: _mount(10, 1, "/", "/mnt", "master:7")}
-    elsewhere = {71: _mount(71, 1, "/sub", "/x", "shared:7")}
-    assert "no staging original" in str(stager.plan(outside, elsewhere, 10, "/mnt", st))
-    assert "not in the container" in str(stager.plan({}, {}, 10, "/mnt", st))
-
-
 def test_a_rootfs_container_gets_locked_mounts_too(tmp_path: Path, rootfs: Path) -> None:
-    """With --rootfs the init binds the staged root again and pivots: its copies stay slaves of staging."""
+    """With --rootfs the init binds the staged root again and pivots: its /dev stays a slave of staging."""
     script = [
         "/bin/sh", "-c",
-        "mountcall mount /img/data.ext4 /mnt ext4 ro; grep -c ' /mnt .* master:' /proc/self/mountinfo; "
+        "mountcall mount /img/data.ext4 /mnt ext4 ro; grep -c ' /mnt .*nosuid,nodev,noexec' /proc/self/mountinfo; "
         "mountcall umount /mnt",
     ]  # fmt: skip
     run = run_container(tmp_path, script, policy=_policy(tmp_path), rootfs=rootfs)

@@ -28,7 +28,7 @@ import stat
 from dataclasses import dataclass
 from typing import Final
 
-from .. import fuse, fuse_jail, mountinfo, mountopts, origin, stager
+from .. import fuse, fuse_jail, mountopts, origin
 from .. import syscalls as s
 from ..errors import KernelError
 from ..loop.abi import LO_FLAGS_AUTOCLEAR
@@ -219,14 +219,13 @@ def _fuse_mount(
         seen = fuse.wait_mounted(daemon, stderr, lambda fd: server.serve_one(session, fd))
         t.check()  # a caller that died meanwhile gets no mount
         attrs = opts.attr_flags | s.MOUNT_ATTR_NOSUID | s.MOUNT_ATTR_NODEV | (s.MOUNT_ATTR_RDONLY if read_only else 0)
-        mnt_id, dev, staged = _attach_fuse(call, daemon, seen, attrs, where)
+        mnt_id, dev = _attach_fuse(call, daemon, seen, attrs, where)
     except BaseException:
         daemon.stop()
         daemon.close()
         raise
     record = MountRecord(
-        mnt_id, dev, -1, src.policy_path, where.path, f"fuse.{name}", -1, read_only, decision.options, decision.rule,
-        staged=staged,
+        mnt_id, dev, -1, src.policy_path, where.path, f"fuse.{name}", -1, read_only, decision.options, decision.rule
     )  # fmt: skip
     session.add_daemon(record, daemon)
     call.audit["options"] = ",".join(["ro" if read_only else "rw", *sorted(opts.attrs)])
@@ -235,32 +234,27 @@ def _fuse_mount(
 
 def _attach_fuse(
     call: Call, daemon: fuse.FuseDaemon, seen: tuple[int, int], attrs: int, where: Resolved
-) -> tuple[int, int, int]:
-    """The daemon's mount, flags set, attached by the stager (flags locked) or directly.
-
-    Returns the container's mount id, the device and the staging original (-1 for none),
-    which holds the FUSE connection too: `Session.sweep` lets it go once the container has no
-    mount of the superblock left, and the daemon then ends.
-    """
+) -> tuple[int, int]:
+    """The daemon's mount, flags set, landed by way of staging (flags locked) or attached directly;
+    returns the container's mount id and the device."""
     session = call.session
-    found = _staging_plan(call, where)
-    call.audit["flags_locked"] = isinstance(found, stager.Plan)
-    if not isinstance(found, stager.Plan):
-        call.audit["flags_unlocked_because"] = found
-        return fuse.attach(daemon, seen, attrs, ns_pidfd=session.pidfd, target_fd=where.fd)
-    proc = session.nshelper().stager
-    assert proc is not None  # a plan exists only for `run`'s containers, which have a stager
+    if not _locks_flags(call):
+        return fuse.attach(daemon, seen, attrs, ns_pidfd=session.pidfd, target_fd=where.fd)[:2]
     _, _, clone = fuse.attach(daemon, seen, attrs)
     try:
-        staged = stager.attach_detached(proc, clone, session.userns_fd, found)
+        landed = session.nshelper().land(clone, where.fd, session.landing, seen[1])
     finally:
         os.close(clone)
-    try:
-        mnt_id = stager.copy_in_container(_mounts_of(call.session.init_pid), found, seen[1])
-    except BaseException:
-        session.nshelper().release(staged)
-        raise
-    return mnt_id, seen[1], staged
+    return int(landed["mnt_id"]), seen[1]
+
+
+def _locks_flags(call: Call) -> bool:
+    """Whether the mount can come by way of staging, so the kernel locks its flags (stager.py)."""
+    locked = call.session.landing >= 0
+    call.audit["flags_locked"] = locked
+    if not locked:
+        call.audit["flags_unlocked_because"] = "the container's namespaces were not made by mountwarden run"
+    return locked
 
 
 def _pinned_copy(call: Call, fd: int, request: MountRequest) -> tuple[int, str] | None:
@@ -316,7 +310,8 @@ def _sealed_copy(fd: int, size: int, chunk: int = 1 << 20) -> tuple[int, str]:
 def _attach(
     call: Call, src: _Source, where: Resolved, fstype: str, opts: mountopts.MountOptions, decision: Decision
 ) -> MountRecord:
-    """Superblock on the slot's device, attached by the stager (flags locked) or the helper; undone on failure."""
+    """Superblock on the slot's device, landed by way of staging (flags locked) or attached directly;
+    undone on failure."""
     pool = _pool(call)
     slot = src.slot
     if slot is None:
@@ -330,18 +325,8 @@ def _attach(
             decision.idmap, kernel_driver(fstype), slot.number, device.rdev, opts.read_only,
             sorted(opts.attrs), list(opts.sb_flags), list(opts.fs_options),
         )  # fmt: skip
-        found = _staging_plan(call, where)
-        plan = found if isinstance(found, stager.Plan) else None
-        call.audit["flags_locked"] = plan is not None
-        if plan is None:
-            call.audit["flags_unlocked_because"] = found
-        made = call.session.nshelper().mount(request, where.fd, call.session.userns_fd, plan)
-        if plan is not None:  # the record names the copy the container sees, not the staging original
-            try:
-                made["mnt_id"] = stager.copy_in_container(_mounts_of(call.session.init_pid), plan, made["dev"])
-            except BaseException:
-                call.session.nshelper().release(made["staged"])
-                raise
+        landing = call.session.landing if _locks_flags(call) else -1
+        made = call.session.nshelper().mount(request, where.fd, call.session.userns_fd, landing)
         call.audit["idmapped"] = made["idmapped"]
     except BaseException:
         if src.slot is None:
@@ -349,28 +334,8 @@ def _attach(
         raise
     return MountRecord(
         made["mnt_id"], made["dev"], made["root_ino"], src.policy_path, where.path, fstype, device.number,
-        opts.read_only, decision.options, decision.rule, slot=slot.number, staged=made.get("staged", -1),
+        opts.read_only, decision.options, decision.rule, slot=slot.number,
     )  # fmt: skip
-
-
-def _staging_plan(call: Call, where: Resolved) -> stager.Plan | str:
-    """Where the stager attaches for `where`, or why the helper attaches in the container instead."""
-    session = call.session
-    if session.staging_pid <= 0:
-        return "the container's namespaces were not made by mountwarden run"
-    # The init's mount table, whose root is the namespace's: a caller's chroot must not hide the
-    # target's mount. The target's path in those terms is the caller's root joined with its own.
-    init_view = _mounts_of(session.init_pid)
-    target = posixpath.join(call.target.root_path, where.path.lstrip("/"))
-    return stager.plan(init_view, _mounts_of(session.staging_pid), s.mount_id(where.fd), target, where.st)
-
-
-def _mounts_of(pid: int) -> dict[int, mountinfo.Mount]:
-    proc = os.open(f"/proc/{pid}", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        return mountinfo.read(proc)
-    finally:
-        os.close(proc)
 
 
 def _open_as_caller(t: Target, image: Resolved, mode: int) -> int:
