@@ -9,14 +9,16 @@ the volume per window is bounded. Answers to the kernel never wait for any of th
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final, TextIO
+from typing import Any, Final, TextIO, TypeVar
 
 import structlog
 
@@ -78,6 +80,20 @@ class _Suppressed:
     pids: set[int] = field(default_factory=set)
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _locked(method: _F) -> _F:
+    """The loop asks for the window's time left while the session's worker records decisions."""
+
+    @functools.wraps(method)
+    def wrapper(self: AuditLimiter, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 @dataclass
 class AuditLimiter:
     """Per-container flood control for decision records (see the module docstring).
@@ -94,7 +110,9 @@ class AuditLimiter:
     _written: dict[Kind, int] = field(default_factory=dict, init=False)
     _bytes: int = field(default=0, init=False)
     _suppressed: dict[Kind, _Suppressed] = field(default_factory=dict, init=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, init=False)
 
+    @_locked
     def record(self, fields: dict[str, Any], secret: dict[str, Any] | None = None) -> bool:
         """Write the decision in `fields` in full if the window allows, else count it; True if written.
 
@@ -126,6 +144,7 @@ class AuditLimiter:
             entry.pids.add(pid)
         return False
 
+    @_locked
     def tick(self) -> float:
         """End the window if its time is up; the seconds it has left while summaries are pending, else -1."""
         now = self.clock()
@@ -138,6 +157,7 @@ class AuditLimiter:
             return -1
         return max(0.0, self._start + self.limits.interval - now)
 
+    @_locked
     def flush(self) -> None:
         """Write one summary per kind counted in this window, and start counting afresh."""
         for (syscall, result, action), entry in self._suppressed.items():

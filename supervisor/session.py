@@ -73,6 +73,7 @@ class Session:
     owner: tuple[int, int] = (0, 0)  # host uid and gid of the container's root
     cgroup_paths: list[str] = field(default_factory=list)
     daemons: dict[int, FuseDaemon] = field(default_factory=dict)  # mount id -> the FUSE daemon serving it
+    extra_listeners: list[int] = field(default_factory=list)  # of processes a runtime exec'd into it
     tree_at_start: Tree | None = None  # mounts before the command ran: what "the host's file" means
     landing: int = -1  # the container's landing directory, for `run`'s containers (stager.py)
     closed: bool = False
@@ -137,6 +138,14 @@ class Session:
         if self.pool is not None:
             self.pool.per_uid_limit = policy.limits.loop_devices_per_host_uid
             self.pool.limit = policy.limits.loop_devices
+
+    def listeners(self) -> list[int]:
+        """The container's listeners: its init's, and those of processes exec'd into it."""
+        return [self.listener, *self.extra_listeners]
+
+    def daemon_listeners(self) -> set[int]:
+        """The listeners of this container's FUSE daemons (their own filters)."""
+        return {d.listener for d in self.daemons.values() if d.listener >= 0}
 
     def nshelper(self) -> NsHelper:
         assert self.helper is not None, "session not started"
@@ -223,11 +232,12 @@ class Session:
         pool = self.pool
         self._step("releasing the loop pool", self._close_pool)
         self._step("stopping the namespace helper", self._close_helper)
-        for fd in (*self._dirs, self.listener, self.pidfd, self.userns_fd, self.landing):
+        for fd in (*self._dirs, *self.listeners(), self.pidfd, self.userns_fd, self.landing):
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._dirs.clear()
+        self.extra_listeners.clear()
         self.listener = self.pidfd = self.userns_fd = self.landing = -1
         self.mounts.clear()
         self.superblocks.clear()

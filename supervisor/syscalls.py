@@ -22,8 +22,8 @@ _libc.syscall.restype = ctypes.c_long
 # The mount-API and pidfd calls share numbers on every architecture but alpha; the older
 # ones (pivot_root, seccomp) do not.
 _ARCH_NR: Final = {
-    "x86_64": {"pivot_root": 155, "seccomp": 317},
-    "aarch64": {"pivot_root": 41, "seccomp": 277},
+    "x86_64": {"pivot_root": 155, "seccomp": 317, "setgroups": 116},
+    "aarch64": {"pivot_root": 41, "seccomp": 277, "setgroups": 159},
 }[platform.machine()]
 NR_OPEN_TREE: Final = 428
 NR_MOVE_MOUNT: Final = 429
@@ -229,6 +229,13 @@ def mount_setattr(fd: int, attr_set: int, attr_clr: int, userns_fd: int = 0, pro
 def setfsuid(uid: int) -> int:
     """Switch the filesystem uid; returns the previous one. Leaving 0 drops CAP_DAC_* (see setfsuid(2))."""
     return int(_libc.setfsuid(ctypes.c_uint(uid)))
+
+
+def setgroups_thread(groups: list[int]) -> None:
+    """setgroups for the calling thread alone: glibc's wrapper changes every thread of the
+    process (setxid), and the supervisor's workers act for different containers at once."""
+    array = (ctypes.c_uint * max(len(groups), 1))(*groups)
+    _syscall(_ARCH_NR["setgroups"], len(groups), ctypes.c_void_p(ctypes.addressof(array)), what="setgroups")
 
 
 def setfsgid(gid: int) -> int:

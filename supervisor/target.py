@@ -241,12 +241,12 @@ class Target:
         """Run file system checks with the task's fs ids and groups, none of the supervisor's rights.
 
         Leaving fsuid 0 clears CAP_DAC_OVERRIDE and friends from the effective set, so the
-        kernel judges every lookup and open exactly as for the caller's host ids. The
-        supervisor is single-threaded, so the switch affects nothing else.
+        kernel judges every lookup and open exactly as for the caller's host ids. Only the
+        calling thread switches (each session's worker acts for its own container).
         """
         assert self.creds is not None
         saved_groups = os.getgroups()
-        os.setgroups(list(self.creds.groups))
+        sys_.setgroups_thread(list(self.creds.groups))
         sys_.setfsgid(self.creds.fsgid)
         sys_.setfsuid(self.creds.fsuid)
         try:
@@ -254,7 +254,7 @@ class Target:
         finally:
             sys_.setfsuid(0)
             sys_.setfsgid(0)
-            os.setgroups(saved_groups)
+            sys_.setgroups_thread(saved_groups)
 
     def resolve(self, path: str, *, follow_last: bool = True) -> Resolved:
         """Resolve a path the task passed, inside its root and relative to its cwd, with its rights."""

@@ -196,7 +196,7 @@ def _fuse_mount(
     call: Call, src: _Source, where: Resolved, fstype: str, opts: mountopts.MountOptions, decision: Decision
 ) -> Response:
     """Hand the mount to a jailed FUSE daemon, then attach its mount at the target (see fuse.py)."""
-    from .. import server  # the daemon's own calls are served while this one waits for them
+    from .. import dispatch  # the daemon's own calls are served while this one waits for them
 
     t, session = call.target, call.session
     program = fuse.daemon_for(fstype, decision.daemon)
@@ -216,7 +216,7 @@ def _fuse_mount(
     )
     call.audit.update(daemon=name, daemon_pid=daemon.pid)
     try:
-        seen = fuse.wait_mounted(daemon, stderr, lambda fd: server.serve_one(session, fd))
+        seen = fuse.wait_mounted(daemon, stderr, lambda fd: dispatch.serve_one(session, fd))
         t.check()  # a caller that died meanwhile gets no mount
         attrs = opts.attr_flags | s.MOUNT_ATTR_NOSUID | s.MOUNT_ATTR_NODEV | (s.MOUNT_ATTR_RDONLY if read_only else 0)
         mnt_id, dev = _attach_fuse(call, daemon, seen, attrs, where)

@@ -1,0 +1,89 @@
+"""Serving one notification: pin, dispatch through the handler table, answer, audit.
+
+Every notification received gets exactly one answer and one audit record, also when a handler
+fails: the answer is then the failure's errno (EIO for a bug), never a silent CONTINUE. The
+answer goes out first; in a flood the record is counted into the window's summary instead of
+written (supervisor/audit.py). How the notification arrived (a listener the supervisor reads
+itself, or a runtime's proxy that forwards it) is the caller's: `serve` takes the way back.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from .errors import KernelError, errno_name
+from .registry import NATIVE_ARCH, Call, abi_name, check_served, handlers, syscall_name
+from .seccomp import notify
+from .session import Session
+from .target import Target
+
+Deliver = Callable[[notify.Response], bool]
+_HANDLERS = handlers()
+
+
+def serve_one(session: Session, listener: int | None = None) -> None:
+    """Take one pending notification from a listener of the session (or a FUSE daemon's) and answer it."""
+    fd = session.listener if listener is None else listener
+    notif = notify.receive(fd)
+    if notif is not None:
+        serve(session, notif, fd, lambda response: notify.send(fd, response))
+
+
+def serve(session: Session, notif: notify.Notification, listener: int, deliver: Deliver) -> None:
+    """Decide `notif` (from `listener`, which pins it: ID_VALID), `deliver` the answer, audit it.
+
+    `deliver` sends the response the way the notification came (the listener itself, or a
+    runtime's proxy connection) and says whether anyone was still waiting for it.
+    """
+    started = time.perf_counter_ns()
+    name = syscall_name(notif)
+    audit: dict[str, Any] = {"container": session.name, "pid": notif.pid, "syscall": name or f"nr {notif.nr}"}
+    if listener in session.daemon_listeners():
+        audit["caller"] = "fuse-daemon"
+    if notif.arch != NATIVE_ARCH or abi_name(notif) == "x32":
+        audit["abi"] = abi_name(notif)
+    response = notify.Response.errno(notif.id, errno.EIO)
+    error: str | None = None
+    try:
+        check_served(notif)
+        handler = _HANDLERS.get(name or "")
+        if handler is None:
+            raise KernelError(errno.ENOSYS, f"mountwarden does not serve this call on the {abi_name(notif)} ABI")
+        with Target(listener, notif) as target:
+            response = handler(Call(session, notif, target, audit))
+    except KernelError as exc:
+        response = notify.Response.errno(notif.id, exc.errno or errno.EIO)
+        error = str(exc)
+    except Exception as exc:  # a bug: answer EIO and say so, never leave the caller hanging
+        # In the decision record, so the flood control counts it like any other (no log of its own).
+        error = f"internal error: {exc!r}"
+        audit["traceback"] = traceback.format_exc(limit=-8)
+    finally:
+        delivered = deliver(response)
+        _emit(session, audit, response, error, delivered, started)
+
+
+def _emit(
+    session: Session,
+    audit: dict[str, Any],
+    response: notify.Response,
+    error: str | None,
+    delivered: bool,
+    started: int,
+) -> None:
+    secret = audit.pop("secret", None)
+    if response.flags & notify.USER_NOTIF_FLAG_CONTINUE:
+        result = "CONTINUE"
+    else:
+        result = errno_name(-response.error)
+    audit.update(result=result, latency_us=round((time.perf_counter_ns() - started) / 1000, 1))
+    audit.setdefault("action", "deny" if response.error else None)
+    if error:
+        audit["error"] = error
+    if not delivered:
+        audit["delivered"] = False
+    session.audit.record({k: v for k, v in audit.items() if v is not None}, secret)
