@@ -25,25 +25,28 @@ Deliver = Callable[[notify.Response], bool]
 _HANDLERS = handlers()
 
 
-def serve_one(session: Session, listener: int | None = None) -> None:
-    """Take one pending notification from a listener of the session (or a FUSE daemon's) and answer it."""
-    fd = session.listener if listener is None else listener
-    notif = notify.receive(fd)
+def serve_one(session: Session, listener: int, caller: str | None = None) -> None:
+    """Take one pending notification from a listener of the session (or of its FUSE daemon,
+    `caller` "fuse-daemon") and answer it."""
+    notif = notify.receive(listener)
     if notif is not None:
-        serve(session, notif, fd, lambda response: notify.send(fd, response))
+        serve(session, notif, listener, lambda response: notify.send(listener, response), caller)
 
 
-def serve(session: Session, notif: notify.Notification, listener: int, deliver: Deliver) -> None:
+def serve(
+    session: Session, notif: notify.Notification, listener: int, deliver: Deliver, caller: str | None = None
+) -> None:
     """Decide `notif` (from `listener`, which pins it: ID_VALID), `deliver` the answer, audit it.
 
     `deliver` sends the response the way the notification came (the listener itself, or a
-    runtime's proxy connection) and says whether anyone was still waiting for it.
+    runtime's proxy connection) and says whether anyone was still waiting for it. `caller`
+    names a caller that is not the container's own (its FUSE daemon) in the audit record.
     """
     started = time.perf_counter_ns()
     name = syscall_name(notif)
     audit: dict[str, Any] = {"container": session.name, "pid": notif.pid, "syscall": name or f"nr {notif.nr}"}
-    if listener in session.daemon_listeners():
-        audit["caller"] = "fuse-daemon"
+    if caller is not None:
+        audit["caller"] = caller
     if notif.arch != NATIVE_ARCH or abi_name(notif) == "x32":
         audit["abi"] = abi_name(notif)
     response = notify.Response.errno(notif.id, errno.EIO)

@@ -43,14 +43,14 @@ def _check(ret: int, what: str, path: str) -> int:
     return ret
 
 
-def clone_tree(dir_fd: int, path: str, *, recursive: bool = True) -> int:
+def clone_tree(dir_fd: int, path: str, *, recursive: bool = True, empty_path: bool = False) -> int:
     """A detached copy of the mount at `path` (and, `recursive`, the mounts below it as they are now).
 
     OPEN_TREE_CLONE alone is refused (EINVAL) for a mount with locked children, such as the
     container's /dev with its /dev/shm, so the copy is recursive by default; mounts added
     later in the original tree never appear in the copy.
     """
-    flags = OPEN_TREE_CLONE | os.O_CLOEXEC | (AT_RECURSIVE if recursive else 0)
+    flags = OPEN_TREE_CLONE | os.O_CLOEXEC | (AT_RECURSIVE if recursive else 0) | (AT_EMPTY_PATH if empty_path else 0)
     return _check(
         _libc.syscall(ctypes.c_long(NR_OPEN_TREE), ctypes.c_long(dir_fd), os.fsencode(path), ctypes.c_long(flags)),
         "open_tree",

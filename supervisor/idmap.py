@@ -57,3 +57,17 @@ def reserve(path: str, owner: str = OWNER) -> IdRange:
         f.seek(0, os.SEEK_END)
         f.write(f"{owner}:{start}:{DEFAULT_COUNT}\n")
         return IdRange(start, DEFAULT_COUNT)
+
+
+def root_of(pid: int) -> tuple[int, int]:
+    """The host uid and gid of root in the user namespace of process `pid` (0, 0 if it is the host's)."""
+    return _host_id(f"/proc/{pid}/uid_map"), _host_id(f"/proc/{pid}/gid_map")
+
+
+def _host_id(path: str) -> int:
+    with open(path) as f:
+        for line in f:
+            inside, outside, count = (int(x) for x in line.split())
+            if inside == 0 and count > 0:
+                return outside
+    raise ValueError(f"{path} maps no root: the container has no root to act as")

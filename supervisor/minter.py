@@ -20,7 +20,7 @@ from typing import Any, Final
 
 import prctl
 
-from . import mounting
+from . import fdops, mounting
 from . import syscalls as s
 from .errors import KernelError
 from .helperproc import HelperProcess, Reply
@@ -31,7 +31,9 @@ _DEV: Final = "/dev"
 
 def start() -> HelperProcess:
     """Fork the minter, unshared into its own mount namespace with a private /dev."""
-    return HelperProcess.spawn("mw-minter", (prctl.CAP_SYS_ADMIN, prctl.CAP_MKNOD), _setup, {"mint": _mint})
+    return HelperProcess.spawn(
+        "mw-minter", (prctl.CAP_SYS_ADMIN, prctl.CAP_MKNOD), _setup, {"mint": _mint, "tmpfs": _tmpfs}
+    )
 
 
 def _setup() -> None:  # pragma: no cover - runs in the minter
@@ -62,3 +64,26 @@ def _mint(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  # pr
         mnt.close()
         raise KernelError(errno.EXDEV, "the new superblock is not on the expected device", f"/dev/{name}")
     return {"mnt_id": mnt.mnt_id, "dev": mnt.dev, "root_ino": mnt.root_ino}, [mnt.fd]
+
+
+def _tmpfs(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  # pragma: no cover - in the minter
+    """A small tmpfs of the host's user namespace (device nodes work on it: not SB_I_NODEV), as two
+    detached mounts of it: one to attach in a container, one the supervisor keeps to write in,
+    which no mount the container stacks on the first can reach."""
+    fsfd = s.fsopen("tmpfs")
+    try:
+        s.fsconfig(fsfd, s.FSCONFIG_SET_STRING, "source", str(req["name"]))
+        s.fsconfig(fsfd, s.FSCONFIG_SET_STRING, "mode", "755")
+        s.fsconfig(fsfd, s.FSCONFIG_SET_STRING, "size", "1m")
+        s.fsconfig(fsfd, s.FSCONFIG_CMD_CREATE)
+        shown = s.fsmount(
+            fsfd, s.MOUNT_ATTR_NOSUID | s.MOUNT_ATTR_NOEXEC | (0 if req["devices"] else s.MOUNT_ATTR_NODEV)
+        )
+    finally:
+        os.close(fsfd)
+    try:
+        kept = fdops.clone_tree(shown, "", recursive=False, empty_path=True)
+    except BaseException:
+        os.close(shown)
+        raise
+    return {}, [shown, kept]

@@ -52,6 +52,13 @@ class Mount:
 
 
 @dataclass(frozen=True)
+class Attach:
+    """Attach the detached mount fds[0] on fds[1], as it is (a view the supervisor made)."""
+
+    op: ClassVar[str] = "attach"
+
+
+@dataclass(frozen=True)
 class Land:
     """Clone the mount in slot `slot` of the landing (fds[0], the container's copy of it), check it
     is on device `dev`, make the clone private and attach it on fds[1]. Replies with its mount id.
@@ -121,7 +128,7 @@ class CloneViews:
     paths: list[str]
 
 
-Request = Mount | Land | Unmount | SetAttr | Reconfigure | CloneViews
+Request = Mount | Attach | Land | Unmount | SetAttr | Reconfigure | CloneViews
 
 
 class NsHelper:
@@ -190,6 +197,15 @@ class NsHelper:
             self.stager.call({"op": "unstage", "slot": slot})
         return {**staged, **landed}
 
+    def tmpfs(self, name: str, *, devices: bool = False) -> tuple[int, int]:
+        """A fresh host-owned tmpfs (see minter.py): an fd to attach, and the supervisor's own copy."""
+        _, got = self.minter.call({"op": "tmpfs", "name": name, "devices": devices})
+        if len(got) != 2:
+            for fd in got:
+                os.close(fd)
+            raise KernelError(errno.EIO, "the minter sent no tmpfs")
+        return got[0], got[1]
+
     def clone_views(self, root_fd: int, paths: list[str]) -> dict[str, int]:
         """Private detached copies of the container's mounts at `paths`; absent ones are left out."""
         reply, got = self.helper.call({"op": CloneViews.op, "paths": paths}, (root_fd,))
@@ -218,6 +234,11 @@ def _attach(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  # 
     idmapped = req["idmap"] and stager.idmap(mnt_fd, userns_fd)
     s.move_mount(mnt_fd, target_fd)
     return {"idmapped": idmapped}, []
+
+
+def _attach_as_is(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  # pragma: no cover - helper
+    s.move_mount(fds[0], fds[1])
+    return {}, []
 
 
 def _land(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  # pragma: no cover - in the helper
@@ -345,6 +366,6 @@ def _clone_views(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]
 
 
 _OPS: Final = {
-    Mount.op: _attach, Land.op: _land, Unmount.op: _umount, SetAttr.op: _setattr, Reconfigure.op: _reconfigure,
-    CloneViews.op: _clone_views,
+    Mount.op: _attach, Attach.op: _attach_as_is, Land.op: _land, Unmount.op: _umount, SetAttr.op: _setattr,
+    Reconfigure.op: _reconfigure, CloneViews.op: _clone_views,
 }  # fmt: skip

@@ -137,7 +137,8 @@ class Server:
             del entry.daemons[fd]
             self.submit(entry.session, entry.session.reap_daemons)
         elif events & select.EPOLLIN:
-            self.submit(entry.session, lambda: self._serve(entry, fd))
+            caller = "fuse-daemon" if fd in entry.daemons else None
+            self.submit(entry.session, lambda: self._serve(entry, fd, caller))
         else:  # hung up: no task uses this filter any more
             self._forget(fd)
             entry.listeners.discard(fd)
@@ -145,9 +146,9 @@ class Server:
             if not entry.listeners:
                 self.end(entry.session)
 
-    def _serve(self, entry: _Entry, fd: int) -> None:
+    def _serve(self, entry: _Entry, fd: int, caller: str | None) -> None:
         try:
-            dispatch.serve_one(entry.session, fd)
+            dispatch.serve_one(entry.session, fd, caller)
         finally:
             self._post(lambda: self._rearm(entry, fd))
 

@@ -10,6 +10,7 @@ signal, the container's namespaces die with it, and autoclear detaches the loop 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import stat
@@ -17,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from . import fdops, loop, mountinfo, stager
+from . import adopted, fdops, idmap, loop, mountinfo, stager
 from .audit import AuditLimiter
 from .cgroup import DeviceCgroup
 from .errors import KernelError
@@ -84,7 +85,7 @@ class Session:
         self.audit = AuditLimiter(self.log)
 
     def start(self, owner: tuple[int, int], cgroups: Sequence[DeviceCgroup], staging_pid: int = -1) -> Session:
-        """Pin the container's init, start the helper in its mount namespace, set up its loop pool.
+        """Set up `run`'s container: pin its init, start the helpers, set up its loop pool.
 
         `owner` is the host uid and gid of the container's root; the pool's nodes belong to it.
         `staging_pid` is `run`'s waiter (a child of ours, so the pid is stable until we reap
@@ -93,20 +94,12 @@ class Session:
         Call before the container's command runs: the directories are opened now, while they
         are certainly the ones made for the container.
         """
-        self.owner = owner
-        self.cgroup_paths = [group.path for group in cgroups]
-        notify.set_sync_wakeup(self.listener)
-        self.pidfd = pidfd_open(self.init_pid)
-        self.tree_at_start = Tree.take(self.init_pid)
         with contextlib.ExitStack() as stack:
             staging = landing = -1
             if staging_pid > 0:
                 staging = _closing(stack, pidfd_open(staging_pid))
                 landing = _closing(stack, _landing(f"/proc/{staging_pid}/cwd"))
-            self.helper = NsHelper.start(self.pidfd, staging, landing)
-            self.userns_fd = os.open(f"/proc/{self.init_pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
-            mntns = os.stat(f"/proc/{self.init_pid}/ns/mnt")
-            self.mntns = (mntns.st_dev, mntns.st_ino)
+            self._begin(owner, cgroups, staging, landing)
             root = _closing(stack, os.open(f"/proc/{self.init_pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
             if landing >= 0:
                 self.landing = _landing(stager.LANDING, root)
@@ -114,23 +107,54 @@ class Session:
                     raise KernelError(errno.EXDEV, "the container's landing is not the staging one", stager.LANDING)
             # The pool works in private copies of these mounts: a dirfd on the container's own
             # mount would still walk into binds the container puts over names below it.
-            clones = self.helper.clone_views(root, [_DEV_VIEW, *_SYS_VIEWS])
+            clones = self.nshelper().clone_views(root, [_DEV_VIEW, *_SYS_VIEWS])
         self._dirs.extend(clones.values())
         if _DEV_VIEW not in clones or _SYS_VIEWS[0] not in clones:
             raise KernelError(errno.ENOENT, "the container has no /dev or /sys/block of its own to manage")
-        dev = clones[_DEV_VIEW]
         views = [clones.get(view) for view in _SYS_VIEWS]
+        self._open_pool(clones[_DEV_VIEW], SysView(clones[_SYS_VIEWS[0]], views[1], views[2]), cgroups)
+        return self
+
+    def adopt(self, cgroups: Sequence[DeviceCgroup]) -> Session:
+        """Set up a container a runtime made (adopted.py): helpers, the pool's views, the pool.
+
+        The container may already run: the runtime hands over its listener as it starts it.
+        """
+        owner = idmap.root_of(self.init_pid)
+        self.info = dataclasses.replace(self.info, host_uid=owner[0])
+        self._begin(owner, cgroups)
+        limit = self.policy.limits.loop_devices
+        names = ["loop-control", *(f"loop{n}" for n in range(limit))]
+        kept, sysview = adopted.views(self.nshelper(), self.init_pid, owner, names)
+        self._dirs.extend(kept)
+        self._open_pool(kept[0], sysview, cgroups)
+        return self
+
+    def _begin(
+        self, owner: tuple[int, int], cgroups: Sequence[DeviceCgroup], staging: int = -1, landing: int = -1
+    ) -> None:
+        self.owner = owner
+        self.cgroup_paths = [group.path for group in cgroups]
+        for listener in self.listeners():
+            notify.set_sync_wakeup(listener)
+        self.pidfd = pidfd_open(self.init_pid)
+        self.tree_at_start = Tree.take(self.init_pid)
+        self.helper = NsHelper.start(self.pidfd, staging, landing)
+        self.userns_fd = os.open(f"/proc/{self.init_pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        mntns = os.stat(f"/proc/{self.init_pid}/ns/mnt")
+        self.mntns = (mntns.st_dev, mntns.st_ino)
+
+    def _open_pool(self, dev: int, sysview: SysView, cgroups: Sequence[DeviceCgroup]) -> None:
         self.pool = LoopPool(
             dev_fd=dev,
-            sysview=SysView(clones[_SYS_VIEWS[0]], views[1], views[2]),
-            owner=owner,
+            sysview=sysview,
+            owner=self.owner,
             limit=self.policy.limits.loop_devices,
-            host_uid=owner[0],
+            host_uid=self.owner[0],
             per_uid_limit=self.policy.limits.loop_devices_per_host_uid,
             cgroups=cgroups,
         )
         self.pool.start()
-        return self
 
     def reload(self, policy: Policy) -> None:
         """Use `policy` from the next request on; loop limits apply to devices bound from now on."""
@@ -140,12 +164,9 @@ class Session:
             self.pool.limit = policy.limits.loop_devices
 
     def listeners(self) -> list[int]:
-        """The container's listeners: its init's, and those of processes exec'd into it."""
-        return [self.listener, *self.extra_listeners]
-
-    def daemon_listeners(self) -> set[int]:
-        """The listeners of this container's FUSE daemons (their own filters)."""
-        return {d.listener for d in self.daemons.values() if d.listener >= 0}
+        """The container's listeners: its init's, and those of processes exec'd into it (none
+        where a runtime's proxy forwards each notification: LXC)."""
+        return [fd for fd in (self.listener, *self.extra_listeners) if fd >= 0]
 
     def nshelper(self) -> NsHelper:
         assert self.helper is not None, "session not started"

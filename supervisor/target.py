@@ -245,16 +245,8 @@ class Target:
         calling thread switches (each session's worker acts for its own container).
         """
         assert self.creds is not None
-        saved_groups = os.getgroups()
-        sys_.setgroups_thread(list(self.creds.groups))
-        sys_.setfsgid(self.creds.fsgid)
-        sys_.setfsuid(self.creds.fsuid)
-        try:
+        with as_ids(self.creds.fsuid, self.creds.fsgid, self.creds.groups):
             yield
-        finally:
-            sys_.setfsuid(0)
-            sys_.setfsgid(0)
-            sys_.setgroups_thread(saved_groups)
 
     def resolve(self, path: str, *, follow_last: bool = True) -> Resolved:
         """Resolve a path the task passed, inside its root and relative to its cwd, with its rights."""
@@ -274,6 +266,21 @@ class Target:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def as_ids(uid: int, gid: int, groups: tuple[int, ...] = ()) -> Iterator[None]:
+    """File system checks as host `uid`/`gid`/`groups` on this thread alone, none of root's rights."""
+    saved_groups = os.getgroups()
+    sys_.setgroups_thread(list(groups))
+    sys_.setfsgid(gid)
+    sys_.setfsuid(uid)
+    try:
+        yield
+    finally:
+        sys_.setfsuid(0)
+        sys_.setfsgid(0)
+        sys_.setgroups_thread(saved_groups)
 
 
 def _relative_to_root(cwd: str, root: str) -> str:

@@ -216,7 +216,7 @@ def _fuse_mount(
     )
     call.audit.update(daemon=name, daemon_pid=daemon.pid)
     try:
-        seen = fuse.wait_mounted(daemon, stderr, lambda fd: dispatch.serve_one(session, fd))
+        seen = fuse.wait_mounted(daemon, stderr, lambda fd: dispatch.serve_one(session, fd, "fuse-daemon"))
         t.check()  # a caller that died meanwhile gets no mount
         attrs = opts.attr_flags | s.MOUNT_ATTR_NOSUID | s.MOUNT_ATTR_NODEV | (s.MOUNT_ATTR_RDONLY if read_only else 0)
         mnt_id, dev = _attach_fuse(call, daemon, seen, attrs, where)
