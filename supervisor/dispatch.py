@@ -57,7 +57,7 @@ def serve(
         if handler is None:
             raise KernelError(errno.ENOSYS, f"mountwarden does not serve this call on the {abi_name(notif)} ABI")
         with Target(listener, notif) as target:
-            response = handler(Call(session, notif, target, audit))
+            response = handler(Call(session, notif, target, audit, caller))
     except KernelError as exc:
         response = notify.Response.errno(notif.id, exc.errno or errno.EIO)
         error = str(exc)

@@ -18,23 +18,20 @@ mount is the superblock's only one, so unmounting it ends the FUSE connection.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
-import json
 import os
 import select
 import shutil
 import signal
 import socket
-import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 import prctl
 
-from . import fdops, fuse_jail, mountinfo
+from . import fuse_jail
 from . import syscalls as s
 from .errors import KernelError
 from .policy import Policy
@@ -61,6 +58,8 @@ class FuseDaemon:
     pidfd: int
     target: str
     listener: int = -1  # the daemon's own seccomp listener, served in the session's loop
+    attrs: int = 0  # the forced mount attributes its FUSE mount gets (MOUNT_ATTR_*)
+    mount_fd: int = -1  # its FUSE mount, detached, once its mount(2) was served (`daemon_mount`)
 
     def alive(self) -> bool:
         return not select.select([self.pidfd], [], [], 0)[0]
@@ -72,10 +71,10 @@ class FuseDaemon:
                 signal.pidfd_send_signal(self.pidfd, signal.SIGTERM)
 
     def close(self) -> None:
-        for fd in (self.pidfd, self.listener):
+        for fd in (self.pidfd, self.listener, self.mount_fd):
             if fd >= 0:
                 os.close(fd)
-        self.pidfd = self.listener = -1
+        self.pidfd = self.listener = self.mount_fd = -1
 
 
 def missing_daemons(policy: Policy) -> list[str]:
@@ -192,28 +191,22 @@ def _exec_daemon(program: str, args: list[str], sock: socket.socket, err: int) -
     os.execve(program, args, fuse_jail.ENV)
 
 
-def wait_mounted(
-    daemon: FuseDaemon, err_fd: int, serve: Callable[[int], None], timeout: float = START_TIMEOUT
-) -> tuple[int, int]:
-    """Serve the daemon's calls until its FUSE mount is there; (its mount id, its device).
+def wait_mounted(daemon: FuseDaemon, err_fd: int, serve: Callable[[int], None], timeout: float = START_TIMEOUT) -> int:
+    """Serve the daemon's calls until its mount(2) has been answered with its FUSE superblock
+    (see `daemon_mount`); the detached mount's fd, which the caller then owns.
 
     A daemon that exits or stalls is an error carrying its own complaint (its stderr,
     shortened), so the audit line says which daemon refused the image and why.
     """
     deadline = time.monotonic() + timeout
-    table = f"/proc/{daemon.pid}/mountinfo"
     calls = select.poll()
     calls.register(daemon.listener, select.POLLIN)
     try:
-        while True:
+        while daemon.mount_fd < 0:
             # POLLIN only: a listener whose task died hangs up, and RECV on it would block.
             if any(events & select.POLLIN for _, events in calls.poll(5)):
                 serve(daemon.listener)
-            with contextlib.suppress(OSError):
-                with open(table) as f:
-                    for m in mountinfo.parse(f.read()).values():
-                        if m.mount_point == fuse_jail.MOUNT_POINT and m.fstype.startswith("fuse"):
-                            return m.mnt_id, m.dev
+                continue
             if not daemon.alive():
                 stderr = os.pread(err_fd, 4096, 0)
                 text = " ".join(stderr.decode(errors="replace").split())[:_STDERR_MAX] or "no message"
@@ -223,95 +216,37 @@ def wait_mounted(
                 raise KernelError(
                     errno.ETIMEDOUT, f"the FUSE daemon {daemon.name} did not mount within {timeout:.0f} s"
                 )
+        mount_fd, daemon.mount_fd = daemon.mount_fd, -1
+        return mount_fd
     finally:
         os.close(err_fd)
 
 
-FUSE_SUPER_MAGIC: Final = 0x65735546
+FUSE_DEVICE: Final = os.makedev(10, 229)
+# What a daemon may ask of its FUSE superblock (libfuse's mount options, fuse(4)); `fd` is
+# taken apart, everything else is refused: the mount's flags are the supervisor's.
+_PASSED: Final = frozenset({"rootmode", "user_id", "group_id", "allow_other", "default_permissions", "max_read",
+                            "blksize", "subtype"})  # fmt: skip
 
 
-def attach(
-    daemon: FuseDaemon, seen: tuple[int, int], attr_set: int, *, ns_pidfd: int = -1, target_fd: int = -1
-) -> tuple[int, int, int]:
-    """Clone the daemon's mount `seen` (mount id, device), with the forced flags `attr_set`.
-
-    A throwaway child (host root) enters the daemon's mount namespace, takes the mount it saw
-    by fd and checks it is still that FUSE mount, clones it, detaches the original (so the clone
-    alone keeps the connection: the container's unmount ends the daemon) and sets the forced
-    flags on the detached clone, before it is attached anywhere. Given `target_fd`, the child
-    enters the container's mount namespace (`ns_pidfd`) and attaches the clone there, and the
-    result is (its mount id, its device, -1); otherwise it is (-1, -1, an fd on the detached
-    clone) to land through staging (stager.py), where the kernel locks the flags.
-    """
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    child = os.fork()
-    if child == 0:  # pragma: no cover - the attaching child
-        fds: list[int] = []
-        try:
-            ours.close()
-            s.prctl(s.PR_SET_PDEATHSIG, signal.SIGKILL)
-            clone = _clone(daemon.pidfd, seen, attr_set)
-            if target_fd < 0:
-                result: dict[str, Any] = {"errno": 0}
-                fds = [clone]
-            else:
-                s.setns(ns_pidfd, s.CLONE_NEWNS)
-                s.move_mount(clone, target_fd)
-                mnt_id, dev = fdops.identity(clone)
-                result = {"errno": 0, "mnt_id": mnt_id, "dev": dev}
-        except KernelError as exc:
-            result = {"errno": exc.errno or errno.EIO, "error": exc.what}
-        except OSError as exc:
-            result = {"errno": exc.errno or errno.EIO, "error": str(exc)}
-        except BaseException as exc:
-            result = {"errno": errno.EIO, "error": f"attach error: {exc!r}"}
-        finally:
-            with contextlib.suppress(BaseException):
-                socket.send_fds(theirs, [json.dumps(result).encode()], fds)
-            os._exit(0)
-    theirs.close()
-    try:
-        os.waitpid(child, 0)
-        raw, got, _, _ = socket.recv_fds(ours, 4096, 1)
-    finally:
-        ours.close()
-    reply: dict[str, Any] = json.loads(raw or b'{"errno": 5, "error": "the attaching process died"}')
-    if reply["errno"] or (target_fd < 0) != bool(got):
-        for fd in got:
-            os.close(fd)
-        why = reply.get("error") or "the attaching process sent no mount"
-        raise KernelError(reply["errno"] or errno.EIO, f"the FUSE mount could not be attached: {why}")
-    if target_fd < 0:
-        return -1, -1, got[0]
-    return int(reply["mnt_id"]), int(reply["dev"]), -1
-
-
-def _clone(daemon_pidfd: int, seen: tuple[int, int], attr_set: int) -> int:  # pragma: no cover - attach's child
-    """The detached clone of the daemon's mount `seen`, its original detached, `attr_set` on it."""
-    fd_dir = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)  # the host's procfs
-    s.setns(daemon_pidfd, s.CLONE_NEWNS)
-    point = os.open(fuse_jail.MOUNT_POINT, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC)
-    if fdops.identity(point) != seen:
-        raise KernelError(errno.EXDEV, "the daemon's mount changed before it could be attached")
-    if _fs_magic(point) != FUSE_SUPER_MAGIC:
-        raise KernelError(errno.EXDEV, "the daemon's mount point holds no FUSE mount")
-    if mountinfo.covered(fd_dir, seen[0]):  # the unmount below would take the mount on top instead
-        raise KernelError(errno.EBUSY, "something was mounted over the daemon's mount before it could be attached")
-    clone = fuse_jail.open_tree(point, fuse_jail.OPEN_TREE_CLONE | os.O_CLOEXEC | s.AT_EMPTY_PATH)
-    # umount2 takes a path: give it the fd's magic link, resolved from the host's procfs.
-    os.fchdir(fd_dir)
-    s.umount2(str(point), s.MNT_DETACH)
-    os.close(point)
-    atime = s.MOUNT_ATTR__ATIME if attr_set & s.MOUNT_ATTR__ATIME else 0
-    s.mount_setattr(clone, attr_set, atime)
-    return clone
-
-
-def _fs_magic(fd: int) -> int:
-    buf = ctypes.create_string_buffer(120)
-    if _libc.fstatfs(fd, buf) != 0:
-        raise KernelError(ctypes.get_errno(), "fstatfs")
-    return int(struct.unpack_from("<q", buf.raw, 0)[0])
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
+def daemon_options(data: str | None, fstype: str) -> tuple[int, list[str]]:
+    """The daemon's fd number for /dev/fuse and the fsconfig options, from its mount(2) data."""
+    fd, options = -1, []
+    for item in (data or "").split(","):
+        key, eq, value = item.partition("=")
+        if not key:
+            continue
+        if key == "fd" and eq and value.isdigit():
+            fd = int(value)
+        elif key in _PASSED:
+            options.append(item)
+        else:
+            raise KernelError(
+                errno.EINVAL, f"the FUSE daemon asked for option {key!r}, which mountwarden does not pass"
+            )
+    if fd < 0:
+        raise KernelError(errno.EINVAL, "the FUSE daemon's mount names no /dev/fuse fd")
+    subtype = fstype.partition(".")[2]
+    if subtype and not any(o.startswith("subtype=") for o in options):
+        options.append(f"subtype={subtype}")
+    return fd, options

@@ -71,15 +71,3 @@ def read(proc_fd: int) -> dict[int, Mount]:
         raise KernelError(exc.errno or errno.ESRCH, "cannot read the mount table of the task (did it exit?)") from None
     return parse(b"".join(chunks).decode(errors="surrogateescape"))
 
-
-def covered(fd_dir: int, mnt_id: int) -> bool:
-    """Whether a mount sits on the root of mount `mnt_id` in the caller's mount namespace, where
-    `fd_dir` is the caller's /proc/<pid>/fd in the host's procfs: an unmount through a path
-    or magic link would take that one instead (LOOKUP_MOUNTPOINT steps down)."""
-    proc = os.open("..", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd_dir)
-    try:
-        mounts = read(proc)
-    finally:
-        os.close(proc)
-    me = mounts.get(mnt_id)
-    return me is not None and any(m.parent_id == mnt_id and m.mount_point == me.mount_point for m in mounts.values())

@@ -15,9 +15,11 @@ views (`CloneViews`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final
@@ -56,6 +58,22 @@ class Attach:
     """Attach the detached mount fds[0] on fds[1], as it is (a view the supervisor made)."""
 
     op: ClassVar[str] = "attach"
+
+
+@dataclass(frozen=True)
+class FuseMount:
+    """Make the FUSE superblock a jailed daemon asked for, detached, with `attrs` set: fds[0] is
+    the daemon's /dev/fuse, fds[1] the container's user namespace. Replies with the mount's fd.
+
+    FUSE takes a connection only from a mounter of the user namespace that opened /dev/fuse,
+    so the superblock is made by a child that is root of the container's user namespace, as
+    the daemon's own mount(2) would have made it; but it is never attached where the daemon
+    (or the container, through the daemon) could reach it before its flags are set.
+    """
+
+    op: ClassVar[str] = "fuse-mount"
+    options: list[str]  # key[=value] for fsconfig, checked by the supervisor
+    attrs: int
 
 
 @dataclass(frozen=True)
@@ -128,7 +146,7 @@ class CloneViews:
     paths: list[str]
 
 
-Request = Mount | Attach | Land | Unmount | SetAttr | Reconfigure | CloneViews
+Request = Mount | Attach | FuseMount | Land | Unmount | SetAttr | Reconfigure | CloneViews
 
 
 class NsHelper:
@@ -206,6 +224,17 @@ class NsHelper:
             raise KernelError(errno.EIO, "the minter sent no tmpfs")
         return got[0], got[1]
 
+    def fuse_mount(self, fuse_fd: int, userns_fd: int, options: list[str], attrs: int) -> int:
+        """The detached FUSE mount for a daemon's /dev/fuse `fuse_fd` (see FuseMount)."""
+        _, got = self.helper.call(
+            {"op": FuseMount.op, **dataclasses.asdict(FuseMount(options, attrs))}, (fuse_fd, userns_fd)
+        )
+        if len(got) != 1:
+            for fd in got:
+                os.close(fd)
+            raise KernelError(errno.EIO, "the namespace helper sent no FUSE mount")
+        return got[0]
+
     def clone_views(self, root_fd: int, paths: list[str]) -> dict[str, int]:
         """Private detached copies of the container's mounts at `paths`; absent ones are left out."""
         reply, got = self.helper.call({"op": CloneViews.op, "paths": paths}, (root_fd,))
@@ -241,6 +270,24 @@ def _attach_as_is(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]
     return {}, []
 
 
+def _fuse_mount(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  # pragma: no cover - helper
+    fuse_fd, userns_fd = fds
+
+    def make() -> int:
+        fsfd = s.fsopen("fuse")
+        try:
+            s.fsconfig(fsfd, s.FSCONFIG_SET_STRING, "fd", str(fuse_fd))
+            for opt in req["options"]:
+                key, eq, value = str(opt).partition("=")
+                s.fsconfig(fsfd, s.FSCONFIG_SET_STRING if eq else s.FSCONFIG_SET_FLAG, key, value if eq else None)
+            s.fsconfig(fsfd, s.FSCONFIG_CMD_CREATE)
+            return s.fsmount(fsfd, int(req["attrs"]))
+        finally:
+            os.close(fsfd)
+
+    return {}, [_as_container_root(userns_fd, make, "FUSE mount")]
+
+
 def _land(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  # pragma: no cover - in the helper
     landing_fd, target_fd = fds
     clone = fdops.clone_tree(landing_fd, str(req["slot"]), recursive=False)
@@ -259,7 +306,11 @@ def _umount(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  # 
     """umount2 in a child that is root of the container's user namespace (fds[0]), nothing more."""
     (userns_fd,) = fds
     path, flags = str(req["path"]), int(req["flags"])
-    _as_container_root(userns_fd, lambda: s.umount2(path, flags | s.UMOUNT_NOFOLLOW), "unmount", path)
+
+    def unmount() -> None:
+        s.umount2(path, flags | s.UMOUNT_NOFOLLOW)
+
+    _as_container_root(userns_fd, unmount, "unmount", path)
     return {}, []
 
 
@@ -286,35 +337,39 @@ def _reconfigure(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]
 
 
 def _as_container_root(
-    userns_fd: int, action: Callable[[], object], what: str, path: str | None = None
-) -> None:  # pragma: no cover - in the helper
+    userns_fd: int, action: Callable[[], int | None], what: str, path: str | None = None
+) -> int:  # pragma: no cover - in the helper
     """Run `action` in a child that is root of the container's user namespace and nothing more,
-    so the kernel judges it exactly as the container's own call; its errno becomes ours."""
-    r, w = os.pipe()
+    so the kernel judges it exactly as the container's own call; its errno becomes ours. An fd
+    `action` returns comes back to the helper (-1 if it returns None)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:
-        err = 0
         try:
-            os.close(r)
+            ours.close()
             s.setns(userns_fd, s.CLONE_NEWUSER)
             os.setgroups([])
             os.setresgid(0, 0, 0)
             os.setresuid(0, 0, 0)
-            action()
+            made = action()
+            socket.send_fds(theirs, [b"0"], [] if made is None else [made])
         except OSError as exc:
-            err = exc.errno or errno.EIO
+            with contextlib.suppress(OSError):
+                theirs.send(str(exc.errno or errno.EIO).encode())
         finally:
-            os.write(w, err.to_bytes(4, "little"))
             os._exit(0)
-    os.close(w)
+    theirs.close()
     try:
-        data = os.read(r, 4)
+        msg, got, _, _ = socket.recv_fds(ours, 16, 1)
     finally:
-        os.close(r)
+        ours.close()
         os.waitpid(pid, 0)
-    err = int.from_bytes(data, "little") if len(data) == 4 else errno.EIO
+    err = int(msg) if msg.isdigit() else errno.EIO
     if err:
+        for fd in got:
+            os.close(fd)
         raise KernelError(err, f"the kernel refused the {what}", path)
+    return got[0] if got else -1
 
 
 def _setattr(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  # pragma: no cover - in the helper
@@ -366,6 +421,6 @@ def _clone_views(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]
 
 
 _OPS: Final = {
-    Mount.op: _attach, Attach.op: _attach_as_is, Land.op: _land, Unmount.op: _umount, SetAttr.op: _setattr,
-    Reconfigure.op: _reconfigure, CloneViews.op: _clone_views,
+    Mount.op: _attach, Attach.op: _attach_as_is, FuseMount.op: _fuse_mount, Land.op: _land,
+    Unmount.op: _umount, SetAttr.op: _setattr, Reconfigure.op: _reconfigure, CloneViews.op: _clone_views,
 }  # fmt: skip

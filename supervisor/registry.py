@@ -75,6 +75,7 @@ class Call:
     notif: Notification
     target: Target
     audit: dict[str, Any] = field(default_factory=dict)
+    caller: str | None = None  # "fuse-daemon": a FUSE daemon of the session's, not the container itself
 
     def require_admin(self, doing: str) -> None:
         """EPERM unless the caller may do mount work in the container's own mount namespace.

@@ -74,6 +74,7 @@ class Session:
     owner: tuple[int, int] = (0, 0)  # host uid and gid of the container's root
     cgroup_paths: list[str] = field(default_factory=list)
     daemons: dict[int, FuseDaemon] = field(default_factory=dict)  # mount id -> the FUSE daemon serving it
+    fuse_starting: FuseDaemon | None = None  # the daemon whose mount(2) is awaited (handlers/mount.py)
     extra_listeners: list[int] = field(default_factory=list)  # of processes a runtime exec'd into it
     tree_at_start: Tree | None = None  # mounts before the command ran: what "the host's file" means
     landing: int = -1  # the container's landing directory, for `run`'s containers (stager.py)

@@ -62,15 +62,17 @@ def _locked(live: Live, mountcall: Path, path: Path) -> None:
     assert live.unfiltered(str(mountcall), "setattr-clear-all", str(path)) == ["EPERM"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hole: the FUSE daemon's own mount sits unlocked in its jail namespace (owned by the container's "
-    "user namespace, in the container's pid namespace) until the supervisor clones and detaches it; the "
-    "container's root joins that namespace, clones it first and gets a copy whose flags it can clear",
-)
 def test_the_fuse_daemons_own_mount_cannot_be_cloned_with_its_flags_unlocked(
     live_fuse: Live, images: dict[str, Path], mountcall: Path, mnt: Path
 ) -> None:
+    """Hole: the FUSE daemon's own mount sat unlocked in its jail namespace (owned by the
+    container's user namespace, its daemon in the container's pid namespace) until the
+    supervisor cloned and detached it; the container's root joined that namespace, cloned it
+    first, attached the clone and cleared every flag on it.
+
+    Fixed: the daemon's mount(2) is served by the supervisor, which makes the superblock on the
+    daemon's /dev/fuse (detached, flags set) and never attaches it anywhere but the target.
+    """
     mc = str(mountcall)
     stolen = _dir(mnt, "rt3-stolen")
     steal = calls(mountcall, "fuse-steal fuse2fs 20", f"attach {stolen}", f"setattr-clear-all {stolen}")

@@ -28,12 +28,12 @@ import stat
 from dataclasses import dataclass
 from typing import Final
 
-from .. import fuse, fuse_jail, mountopts, origin
+from .. import fdops, fuse, fuse_jail, mountopts, origin
 from .. import syscalls as s
 from ..errors import KernelError
 from ..loop.abi import LO_FLAGS_AUTOCLEAR
 from ..loop.pool import BindRequest, LoopPool, Slot
-from ..nshelper import Mount, Reconfigure, SetAttr
+from ..nshelper import Attach, Mount, Reconfigure, SetAttr
 from ..paths import Resolved
 from ..policy import Decision, MountRequest, Policy, SourceOrigin
 from ..probe import kernel_driver, probe_fd
@@ -68,6 +68,8 @@ def handle(call: Call) -> Response:
     flags = args[3]
     call.audit.update(source=source, target=target, fstype=fstype, flags=f"{flags:#x}")
     call.audit["secret"] = {"data": data}  # mount data can carry credentials: trace level only
+    if call.caller == "fuse-daemon":
+        return daemon_mount(call, fstype, args[3], data)
     if fstype and (fstype in USERNS_FILESYSTEMS or fstype.startswith("fuse.")) and not flags & s.MS_REMOUNT:
         call.audit.update(action="kernel-native", rule="userns-filesystem")
         return Response.continue_(call.notif.id)
@@ -215,15 +217,23 @@ def _fuse_mount(
         program, jail, sorted(opts.attrs), target=where.path, ns_pidfd=session.pidfd, cgroups=session.cgroup_paths
     )
     call.audit.update(daemon=name, daemon_pid=daemon.pid)
+    daemon.attrs = (
+        opts.attr_flags | s.MOUNT_ATTR_NOSUID | s.MOUNT_ATTR_NODEV | (s.MOUNT_ATTR_RDONLY if read_only else 0)
+    )
+    session.fuse_starting = daemon
     try:
-        seen = fuse.wait_mounted(daemon, stderr, lambda fd: dispatch.serve_one(session, fd, "fuse-daemon"))
-        t.check()  # a caller that died meanwhile gets no mount
-        attrs = opts.attr_flags | s.MOUNT_ATTR_NOSUID | s.MOUNT_ATTR_NODEV | (s.MOUNT_ATTR_RDONLY if read_only else 0)
-        mnt_id, dev = _attach_fuse(call, daemon, seen, attrs, where)
+        mount_fd = fuse.wait_mounted(daemon, stderr, lambda fd: dispatch.serve_one(session, fd, "fuse-daemon"))
+        try:
+            t.check()  # a caller that died meanwhile gets no mount
+            mnt_id, dev = _attach_fuse(call, mount_fd, where)
+        finally:
+            os.close(mount_fd)
     except BaseException:
         daemon.stop()
         daemon.close()
         raise
+    finally:
+        session.fuse_starting = None
     record = MountRecord(
         mnt_id, dev, -1, src.policy_path, where.path, f"fuse.{name}", -1, read_only, decision.options, decision.rule
     )  # fmt: skip
@@ -232,20 +242,43 @@ def _fuse_mount(
     return Response.success(call.notif.id)
 
 
-def _attach_fuse(
-    call: Call, daemon: fuse.FuseDaemon, seen: tuple[int, int], attrs: int, where: Resolved
-) -> tuple[int, int]:
-    """The daemon's mount, flags set, landed by way of staging (flags locked) or attached directly;
-    returns the container's mount id and the device."""
+def _attach_fuse(call: Call, mount_fd: int, where: Resolved) -> tuple[int, int]:
+    """The daemon's detached FUSE mount, its flags set when it was made, landed by way of staging
+    (flags locked) or attached directly; returns the container's mount id and the device."""
     session = call.session
-    if not _locks_flags(call):
-        return fuse.attach(daemon, seen, attrs, ns_pidfd=session.pidfd, target_fd=where.fd)[:2]
-    _, _, clone = fuse.attach(daemon, seen, attrs)
+    dev = fdops.identity(mount_fd)[1]
+    if _locks_flags(call):
+        return int(session.nshelper().land(mount_fd, where.fd, session.landing, dev)["mnt_id"]), dev
+    session.nshelper().call(Attach(), (mount_fd, where.fd))
+    return fdops.identity(mount_fd)[0], dev
+
+
+def daemon_mount(call: Call, fstype: str | None, flags: int, data: str | None) -> Response:
+    """The FUSE daemon being started asks for its mount: make its superblock, never attach it.
+
+    The daemon's own mount would live in its jail's namespace, which the container's root may
+    enter (it owns its user namespace) and clone it from with its flags unlocked, before the
+    supervisor could take it. So the daemon gets success and nothing at its mount point; the
+    supervisor makes the superblock on the daemon's /dev/fuse, with the forced flags, detached,
+    and attaches it only at the container's target (see `_fuse_mount`).
+    """
+    daemon, t = call.session.fuse_starting, call.target
+    if daemon is None or daemon.mount_fd >= 0 or flags & (s.MS_REMOUNT | s.MS_BIND | s.MS_MOVE):
+        raise KernelError(errno.EPERM, "a FUSE daemon of mountwarden's mounts its own file system once, nothing else")
+    if fstype is None or (fstype != "fuse" and not fstype.startswith("fuse.")):
+        raise KernelError(errno.EPERM, f"a FUSE daemon of mountwarden's mounts only FUSE, not {fstype}")
+    fd, options = fuse.daemon_options(data, fstype)
+    fuse_fd = t.take_fd(fd)
     try:
-        landed = session.nshelper().land(clone, where.fd, session.landing, seen[1])
+        st = os.fstat(fuse_fd)
+        if not stat.S_ISCHR(st.st_mode) or st.st_rdev != fuse.FUSE_DEVICE:
+            raise KernelError(errno.EINVAL, "the FUSE daemon's fd is not /dev/fuse")
+        t.check()
+        daemon.mount_fd = call.session.nshelper().fuse_mount(fuse_fd, call.session.userns_fd, options, daemon.attrs)
     finally:
-        os.close(clone)
-    return int(landed["mnt_id"]), seen[1]
+        os.close(fuse_fd)
+    call.audit.update(action="fuse-superblock", options=",".join(options))
+    return Response.success(call.notif.id)
 
 
 def _locks_flags(call: Call) -> bool:
