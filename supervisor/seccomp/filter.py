@@ -59,7 +59,7 @@ REFUSED_SYSCALLS: Final = {"fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspi
                            "open_tree_attr": 467}  # fmt: skip
 LAST_KNOWN_NR: Final = 469  # file_setattr, the end of Linux 6.18's tables
 # A mount(2) with none of these creates a superblock.
-_NO_NEW_SB: Final = (
+NO_NEW_SB: Final = (
     sys_.MS_REMOUNT
     | sys_.MS_BIND
     | sys_.MS_MOVE
@@ -112,7 +112,7 @@ def build() -> sc.SyscallFilter:
     for arch in FOREIGN_ARCHES:
         f.add_arch(arch)
     f.add_rule(sc.NOTIFY, "mount", sc.Arg(3, sc.MASKED_EQ, sys_.MS_REMOUNT, sys_.MS_REMOUNT))
-    f.add_rule(sc.NOTIFY, "mount", sc.Arg(3, sc.MASKED_EQ, _NO_NEW_SB, 0))
+    f.add_rule(sc.NOTIFY, "mount", sc.Arg(3, sc.MASKED_EQ, NO_NEW_SB, 0))
     f.add_rule(sc.NOTIFY, "umount2")
     f.add_rule(sc.NOTIFY, "umount")
     for mask, value in LOOP_IOCTL_MASKS:
