@@ -24,7 +24,7 @@ import stat
 import struct
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, Protocol
 
 from .. import audit, dispatch, idmap
@@ -156,27 +156,33 @@ class Daemon(Protocol):
 
 @dataclass
 class _Connection:
-    """One monitor's connection: one container, known from its first message on."""
+    """One monitor's connection, and the container it speaks for."""
 
     sock: socket.socket
-    peer_pid: int
-    key: str | None = None
-    init_pid: int = 0
-    session: Session | None = None
+    monitor_pid: int
+    init_pid: int
+    key: str
+    session: Session
+    cookie: str | None = None  # from its first message on
 
 
 class LxcProxy:
     """The socket LXC's monitors connect to, on `daemon`'s loop.
 
+    A container is adopted when its monitor connects, not at its first message: its loop pool
+    (/dev/loop-control) must be there before its first loop call, which is what makes the
+    first message. Its cookie arrives with that first message, before anything is decided
+    (policy selector ``lxc_cookie``).
+
     Messages are decoded on the loop and served on the container's own session worker, in
     order, so a slow mount delays only the container that asked (its monitor serializes its
-    notifications anyway, and its other requests wait behind it); other containers' answers
-    are unaffected. A reply that would come later than `REPLY_DEADLINE` is dropped (LXC has
-    answered ENOSYS by then, and would take it for the next request's answer).
+    notifications anyway); other containers' answers are unaffected. A reply that would come
+    later than `REPLY_DEADLINE` is dropped (LXC has answered ENOSYS by then, and would take it
+    for the next request's answer).
 
     Args:
-        daemon: adopts a session per container (`key` = ``lxc:<monitor pid>:<cookie>``) and
-            forgets it when its connection ends.
+        daemon: adopts a session per container (key ``lxc:<monitor pid>``) and forgets it when
+            its connection ends.
         path: a filesystem path (LXC cuts the last character off abstract names).
         peer_uids: the uids a monitor may run as (SO_PEERCRED).
         group: a group to give the socket to (mode 0660); otherwise it is root's alone (0600).
@@ -192,7 +198,6 @@ class LxcProxy:
         self.log: Any = audit.logger(source="lxc")
         self._sock: socket.socket | None = None
         self._conns: dict[int, _Connection] = {}
-        self._keys: dict[str, _Connection] = {}
 
     def start(self) -> LxcProxy:
         """Check this kernel's struct sizes, bind and listen (on the loop from now on)."""
@@ -221,21 +226,31 @@ class LxcProxy:
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
         pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-        if uid not in self.peer_uids:
-            self.log.warning("lxc-peer-refused", pid=pid, uid=uid, reason=f"uid {uid} may not hand over containers")
+        try:
+            if uid not in self.peer_uids:
+                raise KernelError(errno.EPERM, f"uid {uid} may not hand over containers")
+            key = f"lxc:{pid}"
+            if any(conn.key == key for conn in self._conns.values()):
+                raise KernelError(errno.EALREADY, f"monitor {pid} is connected already (one connection per container)")
+            init_pid = _container_init(pid)
+            host_uid = idmap.root_of(init_pid)[0]
+            info = ContainerInfo(name=_container_name(pid) or f"lxc-{init_pid}", host_uid=host_uid)
+            session = self.daemon.adopt(key, init_pid, info)
+        except (OSError, ValueError) as exc:
+            self.log.warning("lxc-monitor-refused", monitor_pid=pid, uid=uid, reason=str(exc))
             sock.close()
             return
         sock.setblocking(False)
-        conn = _Connection(sock, pid)
-        self._conns[sock.fileno()] = conn
+        self._conns[sock.fileno()] = _Connection(sock, pid, init_pid, key, session)
         self.daemon.server.watch(sock.fileno(), self._readable, select.EPOLLIN | select.EPOLLRDHUP)
+        self.log.info("lxc-container-adopted", key=key, name=info.name, init_pid=init_pid, host_uid=host_uid)
 
     def _readable(self, fd: int, events: int) -> None:
         conn = self._conns[fd]
         try:
             received = receive(conn.sock)
         except OSError as exc:
-            self.log.warning("lxc-connection-failed", monitor_pid=conn.peer_pid, error=str(exc))
+            self.log.warning("lxc-connection-failed", key=conn.key, error=str(exc))
             self._end(conn)
             return
         if received is None:
@@ -245,35 +260,30 @@ class LxcProxy:
             return
         try:
             message = decode(received)
-            session = self._session(conn, message)
-        except (KernelError, OSError, ValueError) as exc:
+            self._check_origin(conn, message)
+        except Refused as exc:
             received.close()
             self._refuse(conn, str(exc))
             return
-        self._serve(conn, session, message, received)
+        self._serve(conn, message, received)
 
-    def _session(self, conn: _Connection, message: Message) -> Session:
-        """The session of the connection's container; adopted at its first message."""
-        if message.monitor_pid != conn.peer_pid:
-            raise Refused(f"the header's monitor {message.monitor_pid} is not the peer {conn.peer_pid}")
-        key = f"lxc:{message.monitor_pid}:{message.cookie}"
-        if conn.session is not None:
-            if (key, message.init_pid) != (conn.key, conn.init_pid):
-                raise Refused(f"the connection of {conn.key} (init {conn.init_pid}) now speaks for {key}")
-            return conn.session
-        if key in self._keys:
-            raise Refused(f"{key} already has a connection (one per container)")
-        host_uid = idmap.root_of(message.init_pid)[0]
-        info = ContainerInfo(
-            name=message.cookie or f"lxc-{message.init_pid}", lxc_cookie=message.cookie or None, host_uid=host_uid
-        )
-        conn.session = self.daemon.adopt(key, message.init_pid, info)
-        conn.key, conn.init_pid = key, message.init_pid
-        self._keys[key] = conn
-        self.log.info("lxc-container-adopted", key=key, init_pid=message.init_pid, host_uid=host_uid)
-        return conn.session
+    def _check_origin(self, conn: _Connection, message: Message) -> None:
+        """The message speaks for the connection's container; its cookie is recorded once."""
+        if (message.monitor_pid, message.init_pid) != (conn.monitor_pid, conn.init_pid):
+            raise Refused(
+                f"the message names monitor {message.monitor_pid} and init {message.init_pid}, "
+                f"not the connection's {conn.monitor_pid} and {conn.init_pid}"
+            )
+        if conn.cookie is None:
+            conn.cookie = message.cookie
+            session = conn.session
+            self.daemon.server.submit(
+                session, lambda: setattr(session, "info", replace(session.info, lxc_cookie=message.cookie or None))
+            )
+        elif message.cookie != conn.cookie:
+            raise Refused("the cookie is not the one of the connection's first message")
 
-    def _serve(self, conn: _Connection, session: Session, message: Message, received: Received) -> None:
+    def _serve(self, conn: _Connection, message: Message, received: Received) -> None:
         deadline = received.arrived + REPLY_DEADLINE
 
         def deliver(response: notify.Response) -> bool:
@@ -288,17 +298,17 @@ class LxcProxy:
 
         def work() -> None:
             try:
-                dispatch.serve(session, message.notif, message.listener, deliver)
+                dispatch.serve(conn.session, message.notif, message.listener, deliver)
             finally:
                 received.close()
 
-        if not self.daemon.server.submit(session, work):
+        if not self.daemon.server.submit(conn.session, work):
             received.close()
             self._refuse(conn, f"{conn.key} is being released")
 
     def _refuse(self, conn: _Connection, why: str) -> None:
         """Answer a message that cannot be served: an empty reply, which LXC turns into ENOSYS at once."""
-        self.log.warning("lxc-message-refused", monitor_pid=conn.peer_pid, key=conn.key, reason=why)
+        self.log.warning("lxc-message-refused", key=conn.key, reason=why)
         with contextlib.suppress(OSError):
             conn.sock.send(b"")
 
@@ -306,14 +316,37 @@ class LxcProxy:
         """Forget the connection and its container; the socket closes after the container's pending work."""
         self.daemon.server.unwatch(conn.sock.fileno())
         self._conns.pop(conn.sock.fileno(), None)
-        if conn.session is None or conn.key is None:
-            conn.sock.close()
-            return
-        del self._keys[conn.key]
         if not self.daemon.server.submit(conn.session, conn.sock.close):
             conn.sock.close()
         self.daemon.forget(conn.key)
         self.log.info("lxc-container-forgotten", key=conn.key)
+
+
+def _container_init(monitor_pid: int) -> int:
+    """The monitor's child in a pid namespace of its own: the container's init.
+
+    LXC connects to the proxy after it started the init (lxc_poll), so it is there.
+    """
+    with open(f"/proc/{monitor_pid}/task/{monitor_pid}/children") as f:
+        children = [int(pid) for pid in f.read().split()]
+    own = os.stat(f"/proc/{monitor_pid}/ns/pid").st_ino
+    for child in children:
+        with contextlib.suppress(OSError):
+            if os.stat(f"/proc/{child}/ns/pid").st_ino != own:
+                return child
+    raise KernelError(errno.ESRCH, f"monitor {monitor_pid} has no container init among its children")
+
+
+def _container_name(monitor_pid: int) -> str | None:
+    """The name the monitor was started with (``lxc-start -n NAME``), for audit records."""
+    with open(f"/proc/{monitor_pid}/cmdline", "rb") as f:
+        args = f.read().decode(errors="replace").split("\0")
+    for i, arg in enumerate(args):
+        if arg in ("-n", "--name") and i + 1 < len(args):
+            return args[i + 1] or None
+        if arg.startswith("--name="):
+            return arg.removeprefix("--name=") or None
+    return None
 
 
 def _listen(path: str, group: int | None) -> socket.socket:
