@@ -168,3 +168,24 @@ def collect_stale() -> list[str]:
                         os.rmdir(path)
                         removed.append(path)
     return removed
+
+
+def of_process(pid: int) -> list[DeviceCgroup]:
+    """The device cgroup a runtime put process `pid` in, to grant the pool's devices there.
+
+    Only the v1 devices controller can be widened from outside: on the v2 hierarchy a
+    runtime's BPF device program decides alone (a second program could only narrow it), so a
+    host without v1 devices gets an empty list and its runtime's rules stay as they are.
+    """
+    if not os.path.isfile(os.path.join(V1_ROOT, "devices.allow")):
+        return []
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            if "devices" in controllers.split(","):
+                group = os.path.realpath(os.path.join(V1_ROOT, path.lstrip("/")))
+                if os.path.commonpath([group, V1_ROOT]) == V1_ROOT and os.path.isfile(
+                    os.path.join(group, "devices.allow")
+                ):
+                    return [V1DeviceCgroup(group)]
+    return []

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import grp
 import hashlib
+import json
 import logging
 import os
 import re
@@ -13,7 +15,7 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Final, TextIO
 
-from . import audit, cgroup, fuse, idmap, mountopts
+from . import audit, cgroup, daemon, fuse, idmap, mountopts
 from . import syscalls as s
 from .console import Console
 from .container import FORWARDED, Container, ContainerError, Spec, name_process
@@ -22,6 +24,7 @@ from .probe import probe_fd
 from .seccomp import notify
 from .server import run_until_exit
 from .session import Session
+from .sources import oci
 
 AUDIT_DIR: Final = "/run/mountwarden/audit"
 CONTAINER_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -76,6 +79,27 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-v", "--verbose", action="store_true", help="also log mount data (may hold credentials)")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARG]...")
     run.set_defaults(func=cmd_run)
+    serve = sub.add_parser("serve", help="serve the containers of container runtimes (OCI listenerPath)")
+    serve.add_argument(
+        "--policy", action="append", default=[], metavar="FILE", help="policy file or directory (repeatable)"
+    )
+    serve.add_argument(
+        "--oci-socket", default=oci.DEFAULT_SOCKET, metavar="PATH",
+        help=f"the socket OCI runtimes connect to: the profile's listenerPath (default {oci.DEFAULT_SOCKET})",
+    )  # fmt: skip
+    serve.add_argument("--socket-group", metavar="GROUP", help="let GROUP reach the sockets too (default: root only)")
+    serve.add_argument("--audit-log", metavar="FILE", help="append audit records to FILE (default: stderr)")
+    serve.add_argument("-v", "--verbose", action="store_true", help="also log mount data (may hold credentials)")
+    serve.set_defaults(func=cmd_serve)
+    profile = sub.add_parser("profile", help="seccomp profiles for runtimes").add_subparsers()
+    oci_profile = profile.add_parser("oci", help="print the linux.seccomp section (JSON) for an OCI config")
+    oci_profile.add_argument(
+        "--base", metavar="FILE", help="merge into this seccomp section (JSON) instead of allow-all"
+    )
+    oci_profile.add_argument("--listener-path", default=oci.DEFAULT_SOCKET, metavar="PATH")
+    oci_profile.add_argument("--metadata", default="", help="listenerMetadata to send with each listener")
+    oci_profile.add_argument("--runtime", choices=("runc", "crun"), default="runc")
+    oci_profile.set_defaults(func=cmd_profile_oci)
     gc = sub.add_parser("gc", help="remove what killed supervisors left behind")
     gc.set_defaults(func=cmd_gc)
     policy = sub.add_parser("policy", help="policy tools").add_subparsers()
@@ -169,6 +193,47 @@ def _file_digest(fd: int) -> str:
     while data := os.read(fd, 1 << 20):
         h.update(data)
     return h.hexdigest()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if os.geteuid() != 0:
+        print("mountwarden serve: the supervisor must run as root (it mounts for the containers)", file=sys.stderr)
+        return 2
+    try:
+        policy = load_policy(args.policy)
+    except PolicyError as exc:
+        print(f"mountwarden serve: the policy is invalid, nothing was started:\n{exc}", file=sys.stderr)
+        return 2
+    try:
+        gid = grp.getgrnam(args.socket_group).gr_gid if args.socket_group else None
+    except KeyError:
+        print(f"mountwarden serve: --socket-group {args.socket_group}: no such group", file=sys.stderr)
+        return 2
+    name_process("supervisor", "serve")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+    with contextlib.ExitStack() as stack:
+        stream = (
+            stack.enter_context(open(os.open(args.audit_log, flags, 0o600), "a", buffering=1))
+            if args.audit_log
+            else sys.stderr
+        )
+        audit.configure(stream, logging.DEBUG if args.verbose else logging.INFO)
+        notify.check_sizes()
+        return daemon.serve(args.policy, policy, args.oci_socket, gid, audit.logger())
+
+
+def cmd_profile_oci(args: argparse.Namespace) -> int:
+    try:
+        base = None
+        if args.base:
+            with open(args.base) as f:
+                base = json.load(f)
+        section = oci.profile(base, args.listener_path, runtime=args.runtime, metadata=args.metadata)
+    except (OSError, ValueError) as exc:
+        print(f"mountwarden profile oci: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(section, indent=2))
+    return 0
 
 
 def cmd_gc(args: argparse.Namespace) -> int:

@@ -103,6 +103,10 @@ class Server:
             self._forget(fd)
         entry.worker.submit(self._release, entry)
 
+    def end_soon(self, session: Session) -> None:
+        """`end`, from a worker thread: the loop does it next."""
+        self._post(lambda: self.end(session))
+
     def run(self, until: Callable[[], bool] = lambda: False) -> None:
         """Serve until `until()` is true or `stop` was called, checking after every event."""
         while not self._stopping and not until():
@@ -151,7 +155,8 @@ class Server:
 
     def _serve(self, entry: _Entry, fd: int, caller: str | None) -> None:
         try:
-            dispatch.serve_one(entry.session, fd, caller)
+            if not entry.session.closed:
+                dispatch.serve_one(entry.session, fd, caller)
         finally:
             self._post(lambda: self._rearm(entry, fd))
 

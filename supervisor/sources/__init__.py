@@ -1,1 +1,1 @@
-"""Listener sources: each turns what a runtime hands over into sessions of the one server."""
+"""Where containers come from: each module turns what a runtime (or `run`) hands over into sessions."""

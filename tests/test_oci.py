@@ -1,0 +1,54 @@
+"""`mountwarden serve` for OCI runtimes: real runc and crun containers, `listenerPath`.
+
+Each test runs the runtime's container in the foreground against a real `serve`; inside, the
+container's own tools (busybox) mount images through its private loop pool.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import oci
+import pytest
+from conftest import allow_policy
+
+from supervisor.sources import oci as oci_source
+
+RUNTIMES = ["runc", "crun"]
+# A runtime lets the container run while it hands the listener over: the pool's nodes appear
+# a few milliseconds later (docs/runtimes.md).
+WAIT_FOR_POOL = "i=0; while [ ! -e /dev/loop-control ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done"
+
+
+@pytest.fixture
+def bundle_root(tmp_path: Path, workdir: Path, mountcall: Path) -> Iterator[Path]:
+    """The container's root, where its root may walk (pytest's own directories are 0700)."""
+    root = oci.rootfs(workdir / f"oci-root-{tmp_path.name}", mountcall)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _profile(serve: oci.Serve, runtime: str) -> dict[str, object]:
+    return oci_source.profile(None, str(serve.socket), runtime=runtime, metadata="mountwarden-test")
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_mount_o_loop_inside_a_runtime_container_uses_its_private_pool(
+    runtime: str, tmp_path: Path, bundle_root: Path, images: dict[str, Path]
+) -> None:
+    script = (
+        f"{WAIT_FOR_POOL}; mount -o loop,ro /img/data.ext4 /mnt && cat /mnt/pub.txt; "
+        "losetup -a | wc -l; ls -l /dev/loop0 | grep -c .mountwarden/loop0; "
+        "grep ' /mnt ' /proc/self/mountinfo | grep -c nosuid,nodev; umount /mnt && echo unmounted"
+    )
+    with oci.serving(tmp_path, allow_policy(tmp_path)) as serve:
+        cfg = oci.config(bundle_root, ["/bin/sh", "-c", script], _profile(serve, runtime), images["ext4"].parent)
+        run = oci.run(runtime, tmp_path, f"mw-{runtime}-loop", cfg)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.split() == ["public", "1", "1", "1", "unmounted"], run.stdout + run.stderr
+        mounts = [r for r in serve.records() if r.get("syscall") == "mount"]
+        assert mounts and mounts[-1]["action"] == "kernel" and mounts[-1]["result"] == "OK", mounts
+        assert mounts[-1]["container"] == f"mw-{runtime}-loop"
+        serve.wait_for("container-released")
