@@ -26,9 +26,8 @@ import pytest
 from conftest import REPO, write_policy
 
 from supervisor import audit
-from supervisor.policy import ContainerInfo, load_policy
-from supervisor.server import Server
-from supervisor.session import Session
+from supervisor.daemon import Daemon
+from supervisor.policy import load_policy
 from supervisor.sources import lxc
 
 pytestmark = pytest.mark.skipif(shutil.which("lxc-start") is None, reason="needs lxc (apt-get install lxc)")
@@ -45,29 +44,9 @@ exec sleep 1000
 """
 
 
-class StubDaemon:
-    """The part of supervisor/daemon.py the proxy uses, until it lands on this branch."""
-
-    def __init__(self, policy_path: Path) -> None:
-        self.server = Server()
-        self.policy = load_policy([str(policy_path)])
-        self.sessions: dict[str, Session] = {}
-
-    def adopt(self, key: str, init_pid: int, info: ContainerInfo, listener: int = -1) -> Session:
-        if key not in self.sessions:
-            session = Session(info.name, listener, init_pid, self.policy, audit.logger(container=info.name), info=info)
-            self.server.add(session)
-            self.server.submit(session, lambda: session.adopt([]))
-            self.sessions[key] = session
-        return self.sessions[key]
-
-    def forget(self, key: str) -> None:
-        self.server.end(self.sessions.pop(key))
-
-
 @dataclass
 class Serving:
-    daemon: StubDaemon
+    daemon: Daemon
     proxy: lxc.LxcProxy
     socket: Path
     audit: Path
@@ -84,7 +63,7 @@ def serving(tmp_path: Path) -> Iterator[Serving]:
     log = tmp_path / "audit.log"
     stream = log.open("a")
     audit.configure(stream)
-    daemon = StubDaemon(policy)
+    daemon = Daemon([str(policy)], load_policy([str(policy)]), audit.logger())
     proxy = lxc.LxcProxy(daemon, str(tmp_path / "run" / "lxc.sock")).start()
     stop_r, stop_w = os.pipe()
     stopped = threading.Event()
@@ -97,7 +76,7 @@ def serving(tmp_path: Path) -> Iterator[Serving]:
         os.write(stop_w, b"x")
         loop.join()
         proxy.close()
-        daemon.server.close()
+        daemon.close()
         os.close(stop_r)
         os.close(stop_w)
         audit.configure()
@@ -213,7 +192,7 @@ def test_loop_mount_inside_lxc(container: Container, serving: Serving) -> None:
     assert attached.returncode == 0 and "nested" in attached.stdout and "done" in attached.stdout, attached
     records = [line for line in serving.audit.read_text().splitlines() if "mount-decision" in line]
     assert any(f'"container": "{container.name}"' in r and '"rule": "lxc-images"' in r for r in records), records
-    assert len(serving.daemon.sessions) == 1  # the attached process came over the same connection
+    assert serving.daemon.find(f"lxc:{container.monitor.pid}") is not None  # one connection, one session
 
 
 def test_sigkill_releases_everything(container: Container, serving: Serving) -> None:
@@ -225,9 +204,9 @@ def test_sigkill_releases_everything(container: Container, serving: Serving) -> 
     os.kill(container.init_pid(), signal.SIGKILL)
     container.monitor.wait(timeout=30)
     deadline = time.monotonic() + 10
-    while serving.daemon.sessions and time.monotonic() < deadline:
+    while serving.daemon.find(f"lxc:{container.monitor.pid}") and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not serving.daemon.sessions  # the leak check (conftest) covers loop devices and mounts
+    assert serving.daemon.find(f"lxc:{container.monitor.pid}") is None  # conftest checks loops and mounts
 
 
 def test_a_peer_that_is_no_monitor_is_turned_away(serving: Serving) -> None:
