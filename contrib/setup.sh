@@ -7,7 +7,7 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 packages=(
   python3 python3-venv libseccomp2 util-linux e2fsprogs squashfs-tools erofs-utils busybox-static
   gcc gcc-multilib libc6-dev libcap-dev dosfstools xfsprogs btrfs-progs genisoimage f2fs-tools fuse2fs squashfuse fuse3 procps
-  runc crun
+  runc crun lxc
 )
 if [ "$(id -u)" -ne 0 ]; then
   echo "mountwarden set-up must run as root (the supervisor mounts for containers)" >&2
@@ -20,7 +20,8 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing Debian packages: ${missing[*]}" >&2
   apt-get update -q >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
+  # lxc recommends uidmap, with which LXC would demand /etc/subuid entries for root: no recommends
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
 fi
 modprobe loop 2>/dev/null || true
 

@@ -19,12 +19,13 @@ from . import audit, cgroup, daemon, fuse, idmap, mountopts
 from . import syscalls as s
 from .console import Console
 from .container import FORWARDED, Container, ContainerError, Spec, name_process
+from .errors import KernelError
 from .policy import ContainerInfo, MountRequest, Policy, PolicyError, learn, load_policy
 from .probe import probe_fd
 from .seccomp import notify
 from .server import run_until_exit
 from .session import Session
-from .sources import oci
+from .sources import lxc, oci
 
 AUDIT_DIR: Final = "/run/mountwarden/audit"
 CONTAINER_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -87,6 +88,10 @@ def _parser() -> argparse.ArgumentParser:
         "--oci-socket", default=oci.DEFAULT_SOCKET, metavar="PATH",
         help=f"the socket OCI runtimes connect to: the profile's listenerPath (default {oci.DEFAULT_SOCKET})",
     )  # fmt: skip
+    serve.add_argument(
+        "--lxc-socket", metavar="PATH",
+        help="also listen for LXC monitors here: the path of lxc.seccomp.notify.proxy (unix:PATH)",
+    )  # fmt: skip
     serve.add_argument("--socket-group", metavar="GROUP", help="let GROUP reach the sockets too (default: root only)")
     serve.add_argument("--audit-log", metavar="FILE", help="append audit records to FILE (default: stderr)")
     serve.add_argument("-v", "--verbose", action="store_true", help="also log mount data (may hold credentials)")
@@ -100,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     oci_profile.add_argument("--metadata", default="", help="listenerMetadata to send with each listener")
     oci_profile.add_argument("--runtime", choices=("runc", "crun"), default="runc")
     oci_profile.set_defaults(func=cmd_profile_oci)
+    lxc_profile = profile.add_parser("lxc", help="print an lxc.seccomp.profile with mountwarden's notify rules")
+    lxc_profile.add_argument("--base", default=lxc.DEBIAN_BASE, metavar="FILE", help=f"default {lxc.DEBIAN_BASE}")
+    lxc_profile.set_defaults(func=cmd_profile_lxc)
     gc = sub.add_parser("gc", help="remove what killed supervisors left behind")
     gc.set_defaults(func=cmd_gc)
     policy = sub.add_parser("policy", help="policy tools").add_subparsers()
@@ -219,7 +227,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         audit.configure(stream, logging.DEBUG if args.verbose else logging.INFO)
         notify.check_sizes()
-        return daemon.serve(args.policy, policy, args.oci_socket, gid, audit.logger())
+        return daemon.serve(
+            args.policy, policy, audit.logger(), oci_socket=args.oci_socket, lxc_socket=args.lxc_socket, gid=gid
+        )
 
 
 def cmd_profile_oci(args: argparse.Namespace) -> int:
@@ -233,6 +243,16 @@ def cmd_profile_oci(args: argparse.Namespace) -> int:
         print(f"mountwarden profile oci: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(section, indent=2))
+    return 0
+
+
+def cmd_profile_lxc(args: argparse.Namespace) -> int:
+    try:
+        with open(args.base) as f:
+            print(lxc.profile(f.read()), end="")
+    except (OSError, KernelError) as exc:
+        print(f"mountwarden profile lxc: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

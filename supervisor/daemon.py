@@ -1,7 +1,7 @@
 """`mountwarden serve`: one supervisor for the containers of real runtimes.
 
 The daemon owns the event loop (server.py), the policy, and one Session per container the
-runtimes announce, by a key each listener source chooses (`oci:<id>`, `lxc:<monitor>:<cookie>`).
+runtimes announce, by a key each listener source chooses (`oci:<id>`, `lxc:<monitor pid>`).
 A container is adopted on first sight: its session is set up on its own worker (helpers,
 pool, views: adopted.py), so the loop goes on serving the others meanwhile, and what arrives
 for it queues behind the set-up. It ends when its init exits (a pidfd the loop watches), when
@@ -122,9 +122,12 @@ class Daemon:
                 os.close(pidfd)
 
 
-def serve(policy_paths: Sequence[str], policy: Policy, oci_socket: str | None, gid: int | None, log: Any) -> int:
+def serve(
+    policy_paths: Sequence[str], policy: Policy, log: Any, *, oci_socket: str | None, lxc_socket: str | None,
+    gid: int | None,
+) -> int:  # fmt: skip
     """Run the daemon until SIGTERM or SIGINT; SIGHUP reloads the policy. Returns the exit code."""
-    from .sources import oci
+    from .sources import lxc, oci
 
     handled: list[int] = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
     signal.pthread_sigmask(signal.SIG_BLOCK, handled)  # before any worker thread exists: they inherit it
@@ -140,11 +143,16 @@ def serve(policy_paths: Sequence[str], policy: Policy, oci_socket: str | None, g
                 daemon.stop()
 
     daemon.server.watch(sigfd, on_signal)
-    sources: list[oci.OciSource] = []
+    sources: list[oci.OciSource | lxc.LxcProxy] = []
     try:
         if oci_socket:
             sources.append(oci.OciSource(daemon, oci_socket, gid=gid))
-        log.info("serve-ready", oci_socket=oci_socket, policy=list(policy.files), rules=len(policy.rules))
+        if lxc_socket:
+            sources.append(lxc.LxcProxy(daemon, lxc_socket, group=gid).start())
+        log.info(
+            "serve-ready", oci_socket=oci_socket, lxc_socket=lxc_socket, policy=list(policy.files),
+            rules=len(policy.rules),
+        )  # fmt: skip
         daemon.run()
     finally:
         for source in sources:

@@ -70,4 +70,3 @@ def read(proc_fd: int) -> dict[int, Mount]:
     except OSError as exc:
         raise KernelError(exc.errno or errno.ESRCH, "cannot read the mount table of the task (did it exit?)") from None
     return parse(b"".join(chunks).decode(errors="surrogateescape"))
-

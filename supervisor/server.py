@@ -84,11 +84,14 @@ class Server:
         session.extra_listeners.append(fd)
         self._arm_listener(self._entries[id(session)], fd)
 
-    def submit(self, session: Session, work: Callable[[], None]) -> None:
-        """Run `work` on the session's worker, after what it is doing now."""
+    def submit(self, session: Session, work: Callable[[], None]) -> bool:
+        """Run `work` on the session's worker, after what it is doing now; False (and `work`
+        never runs) if the session is no longer served."""
         entry = self._entries.get(id(session))
-        if entry is not None and not entry.ending:
-            entry.worker.submit(self._guarded, entry, work)
+        if entry is None or entry.ending:
+            return False
+        entry.worker.submit(self._guarded, entry, work)
+        return True
 
     def end(self, session: Session) -> None:
         """Release the session on its worker (after its pending work), then forget it."""
