@@ -27,11 +27,11 @@ from typing import Final
 
 from . import fdops
 from .errors import KernelError
+from .loop.pool import PRIVATE_DIR
 from .loop.sysview import SysView
 from .nshelper import Attach, NsHelper
 from .target import as_ids
 
-NODE_DIR: Final = ".mountwarden"  # in the container's /dev
 SYS_VIEWS: Final = ("sys/block", "sys/class/block", "sys/dev/block", "sys/devices/virtual/block")
 _WALK: Final = fdops.RESOLVE_BENEATH | fdops.RESOLVE_NO_SYMLINKS | fdops.RESOLVE_NO_MAGICLINKS
 
@@ -53,8 +53,8 @@ def views(helper: NsHelper, init_pid: int, owner: tuple[int, int], names: list[s
                     raise KernelError(errno.ENOENT, "the container has no /dev for its loop devices")
                 stack.callback(os.close, dev)
                 with contextlib.suppress(FileExistsError):
-                    os.mkdir(NODE_DIR, 0o755, dir_fd=dev)
-                if (nodes := _attach_tmpfs(helper, dev, NODE_DIR, "mountwarden-dev", devices=True)) < 0:
+                    os.mkdir(PRIVATE_DIR, 0o755, dir_fd=dev)
+                if (nodes := _attach_tmpfs(helper, dev, PRIVATE_DIR, "mountwarden-dev", devices=True)) < 0:
                     raise KernelError(errno.ENOENT, "the container's /dev changed while it was being set up", "/dev")
                 kept.append(nodes)
                 shown: dict[str, int] = {}
@@ -63,7 +63,7 @@ def views(helper: NsHelper, init_pid: int, owner: tuple[int, int], names: list[s
                         kept.append(fd)
                         shown[view] = fd
                 for name in names:
-                    _link(dev, name, f"{NODE_DIR}/{name}")
+                    _link(dev, name, f"{PRIVATE_DIR}/{name}")
         if SYS_VIEWS[0] not in shown:
             raise KernelError(errno.ENOENT, "the container has no /sys/block to show its loop devices in")
         return kept, SysView(shown[SYS_VIEWS[0]], shown.get(SYS_VIEWS[1]), shown.get(SYS_VIEWS[2]))

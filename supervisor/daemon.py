@@ -20,7 +20,7 @@ from typing import Any
 
 from . import audit, cgroup
 from . import syscalls as s
-from .policy import ContainerInfo, Policy, PolicyError, load_policy
+from .policy import ContainerInfo, Policy, reload_policy
 from .server import Server
 from .session import Session
 
@@ -72,15 +72,12 @@ class Daemon:
 
     def reload(self) -> None:
         """SIGHUP: the policy as it now is on disk for every container, or the running one if it is broken."""
-        try:
-            new = load_policy(self.policy_paths)
-        except PolicyError as exc:
-            self.log.error("policy-reload-failed", error=str(exc), kept=list(self.policy.files))
+        new = reload_policy(self.policy_paths, self.policy, self.log)
+        if new is None:
             return
         self.policy = new
         for session in self._sessions.values():
             self.server.submit(session, functools.partial(session.reload, new))
-        self.log.info("policy-reloaded", files=list(new.files), rules=len(new.rules))
 
     def run(self) -> None:
         self.server.run()

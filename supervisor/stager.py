@@ -40,8 +40,9 @@ from . import fdops
 from . import syscalls as s
 from .errors import KernelError
 from .helperproc import HelperProcess, Reply
+from .loop.pool import PRIVATE_DIR
 
-LANDING: Final = "dev/.mountwarden"  # beneath the container's root; the waiter makes it
+LANDING: Final = f"dev/{PRIVATE_DIR}"  # beneath the container's root; the waiter makes it
 _SLOT: Final = fdops.RESOLVE_BENEATH | fdops.RESOLVE_NO_SYMLINKS | fdops.RESOLVE_NO_XDEV
 
 

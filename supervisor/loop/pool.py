@@ -53,7 +53,9 @@ from .device import LoopDevice, attach, device_size, diskseq, logical_block_size
 from .sysview import LoopState, SysView
 
 NODE_MODE: Final = 0o660
-_STAGING: Final = ".mountwarden"  # in /dev: where replacement nodes are made
+# In the container's /dev, host root's: where replacement nodes are made (here), where `run`'s
+# mounts land (stager.py), and where a runtime's container finds the pool's nodes (adopted.py).
+PRIVATE_DIR: Final = ".mountwarden"
 
 
 @dataclass
@@ -128,7 +130,7 @@ class LoopPool:
         # container's in it). Replacement nodes are made in a directory of host root's, mode
         # 0700, so the container cannot even look up, let alone bind over, a node being made.
         with contextlib.suppress(FileExistsError):
-            os.mkdir(_STAGING, 0o700, dir_fd=dev_fd)
+            os.mkdir(PRIVATE_DIR, 0o700, dir_fd=dev_fd)
         self.control_ino = -1
         self.placeholder: LoopDevice | None = None
         self._memfd = -1
@@ -350,8 +352,10 @@ class LoopPool:
 
     def _replace_node(self, slot: Slot, rdev: int) -> None:
         """Swap /dev/loopN for a node of `rdev` in one rename, so the name never dangles."""
-        ino = self._make_node(f"{_STAGING}/loop{slot.number}", stat.S_IFBLK, rdev)
-        os.rename(f"{_STAGING}/loop{slot.number}", f"loop{slot.number}", src_dir_fd=self.dev_fd, dst_dir_fd=self.dev_fd)
+        ino = self._make_node(f"{PRIVATE_DIR}/loop{slot.number}", stat.S_IFBLK, rdev)
+        os.rename(
+            f"{PRIVATE_DIR}/loop{slot.number}", f"loop{slot.number}", src_dir_fd=self.dev_fd, dst_dir_fd=self.dev_fd
+        )
         slot.node_ino = ino
         self.by_ino[ino] = slot.number
 

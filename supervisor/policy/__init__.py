@@ -7,7 +7,7 @@ the glob translation free to change. `learn.suggest` writes a policy from observ
 from __future__ import annotations
 
 from . import learn
-from .loader import PolicyError, load_policy
+from .loader import PolicyError, load_policy, reload_policy
 from .matcher import ContainerInfo, Decision, Explanation, MountRequest, Policy, SourceOrigin, Step
 from .schema import Rule
 
@@ -23,4 +23,5 @@ __all__ = [
     "Step",
     "learn",
     "load_policy",
+    "reload_policy",
 ]

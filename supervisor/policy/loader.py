@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import yaml
 from pydantic import ValidationError
@@ -295,3 +295,15 @@ def _check_unique_names(loaded: Sequence[_LoadedFile]) -> None:
                 first_seen[rule.name] = where
     if problems:
         raise PolicyError("\n".join(problems))
+
+
+def reload_policy(paths: Sequence[str], current: Policy, log: Any) -> Policy | None:
+    """The policy at `paths` as it now is on disk (SIGHUP), or None, logged, if it is broken
+    (the caller keeps `current`)."""
+    try:
+        new = load_policy(paths)
+    except PolicyError as exc:
+        log.error("policy-reload-failed", error=str(exc), kept=list(current.files))
+        return None
+    log.info("policy-reloaded", files=list(new.files), rules=len(new.rules))
+    return new
