@@ -1,0 +1,1 @@
+"""The acting layer: what a handler decided, done (kernel mounts through the pool, FUSE handoffs)."""
