@@ -16,8 +16,8 @@ import hashlib
 import os
 from typing import Final
 
+from .call import Call
 from .policy import Decision, MountRequest, Policy
-from .registry import Call
 
 _SEALS: Final = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
 

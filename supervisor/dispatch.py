@@ -10,19 +10,27 @@ itself, or a runtime's proxy that forwards it) is the caller's: `serve` takes th
 from __future__ import annotations
 
 import errno
+import functools
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
+from .call import Call, Handler
 from .errors import KernelError, errno_name
-from .registry import NATIVE_ARCH, Call, abi_name, check_served, handlers, syscall_name
+from .handlers import loop_ioctl, mount, umount
+from .registry import NATIVE_ARCH, abi_name, check_served, syscall_name
 from .seccomp import notify
 from .session import Session
 from .target import Target
 
 Deliver = Callable[[notify.Response], bool]
-_HANDLERS = handlers()
+HANDLERS: Final[dict[str, Handler]] = {
+    "mount": mount.handle,
+    "umount2": umount.handle,
+    "umount": umount.handle_old,
+    "ioctl": loop_ioctl.handle,
+}
 
 
 def serve_one(session: Session, listener: int, caller: str | None = None) -> None:
@@ -31,6 +39,10 @@ def serve_one(session: Session, listener: int, caller: str | None = None) -> Non
     notif = notify.receive(listener)
     if notif is not None:
         serve(session, notif, listener, lambda response: notify.send(listener, response), caller)
+
+
+def _serve_daemon(session: Session, listener: int) -> None:
+    serve_one(session, listener, "fuse-daemon")
 
 
 def serve(
@@ -53,11 +65,11 @@ def serve(
     error: str | None = None
     try:
         check_served(notif)
-        handler = _HANDLERS.get(name or "")
+        handler = HANDLERS.get(name or "")
         if handler is None:
             raise KernelError(errno.ENOSYS, f"mountwarden does not serve this call on the {abi_name(notif)} ABI")
         with Target(listener, notif) as target:
-            response = handler(Call(session, notif, target, audit, caller))
+            response = handler(Call(session, notif, target, audit, caller, functools.partial(_serve_daemon, session)))
     except KernelError as exc:
         response = notify.Response.errno(notif.id, exc.errno or errno.EIO)
         error = str(exc)

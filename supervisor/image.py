@@ -10,11 +10,11 @@ import stat
 from dataclasses import dataclass
 
 from . import origin
+from .call import Call
 from .errors import KernelError
 from .loop.pool import LoopPool, Slot
 from .paths import Resolved
 from .policy import SourceOrigin
-from .registry import Call
 from .target import Target
 
 

@@ -1,4 +1,4 @@
-"""Which handler serves which intercepted system call, per ABI.
+"""Which system call a notification is, per ABI.
 
 The notification carries the raw (arch, nr) pair; 32-bit x86 numbers its calls differently,
 and x32 shares x86-64's audit arch but marks its numbers with bit 30 (and has its own ioctl
@@ -11,19 +11,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
-import os
 import platform
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import Final
 
 from .errors import KernelError
 from .loop.abi import COMPAT32, NATIVE64, Layouts
-from .seccomp.notify import Notification, Response
-from .target import CAP_SYS_ADMIN, Target
-
-if TYPE_CHECKING:
-    from .session import Session
+from .seccomp.notify import Notification
 
 AUDIT_ARCH_X86_64: Final = 0xC000003E
 AUDIT_ARCH_I386: Final = 0x40000003
@@ -67,34 +60,6 @@ LAYOUTS: Final[dict[str, Layouts]] = {
 }
 
 
-@dataclass
-class Call:
-    """One notification being served: what the handler needs, and the audit fields it adds."""
-
-    session: Session
-    notif: Notification
-    target: Target
-    audit: dict[str, Any] = field(default_factory=dict)
-    caller: str | None = None  # "fuse-daemon": a FUSE daemon of the session's, not the container itself
-
-    def require_admin(self, doing: str) -> None:
-        """EPERM unless the caller may do mount work in the container's own mount namespace.
-
-        The supervisor acts only there, so the caller must be in it (a mount namespace the
-        container made of its own is not served: a user who unshares one owns it, but owns
-        nothing of the container's) and hold CAP_SYS_ADMIN over it, as the kernel would ask.
-        """
-        t = self.target
-        st = os.fstat(t.mntns)
-        if (st.st_dev, st.st_ino) != self.session.mntns:
-            raise KernelError(errno.EPERM, f"{doing} is served only in the container's own mount namespace")
-        if not t.creds or not t.creds.has_cap(CAP_SYS_ADMIN):
-            raise KernelError(errno.EPERM, f"{doing} needs CAP_SYS_ADMIN in the container")
-
-
-Handler = Callable[[Call], Response]
-
-
 def syscall_name(notif: Notification) -> str | None:
     return SYSCALLS.get((notif.arch, notif.nr))
 
@@ -133,15 +98,3 @@ def check_served(notif: Notification) -> None:
     """
     if abi_name(notif) == "x32" and not kernel_has_x32():
         raise KernelError(errno.ENOSYS, "this kernel has no x32 ABI (CONFIG_X86_X32_ABI is not set)")
-
-
-def handlers() -> dict[str, Handler]:
-    """The table: syscall name -> handler. Imported late so handler modules may import this one."""
-    from .handlers import loop_ioctl, mount, umount
-
-    return {
-        "mount": mount.handle,
-        "umount2": umount.handle,
-        "umount": umount.handle_old,
-        "ioctl": loop_ioctl.handle,
-    }

@@ -14,13 +14,13 @@ import stat
 
 from .. import fdops, fuse, fuse_jail
 from .. import syscalls as s
+from ..call import Call
 from ..errors import KernelError
 from ..image import ImageSource, pool_of
 from ..mountopts import MountOptions
 from ..nshelper import Attach
 from ..paths import Resolved
 from ..policy import Decision
-from ..registry import Call
 from ..seccomp.notify import Response
 from ..session import MountRecord
 from .kernel import locks_flags
@@ -30,8 +30,6 @@ def handoff(
     call: Call, src: ImageSource, where: Resolved, fstype: str, opts: MountOptions, decision: Decision
 ) -> Response:
     """Hand the mount to a jailed FUSE daemon, then attach its mount at the target (see fuse.py)."""
-    from .. import dispatch  # the daemon's own calls are served while this one waits for them
-
     t, session = call.target, call.session
     program = fuse.daemon_for(fstype, decision.daemon)
     name = posixpath.basename(program)
@@ -54,7 +52,7 @@ def handoff(
     )
     session.fuse_starting = daemon
     try:
-        mount_fd = fuse.wait_mounted(daemon, stderr, lambda fd: dispatch.serve_one(session, fd, "fuse-daemon"))
+        mount_fd = fuse.wait_mounted(daemon, stderr, call.serve_daemon)
         try:
             t.check()  # a caller that died meanwhile gets no mount
             mnt_id, dev = _land_or_attach(call, mount_fd, where)

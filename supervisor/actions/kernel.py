@@ -7,6 +7,7 @@ flags (stager.py), or, in a container a runtime made, attached by the namespace 
 
 from __future__ import annotations
 
+from ..call import Call
 from ..image import ImageSource, pool_of
 from ..loop.abi import LO_FLAGS_AUTOCLEAR
 from ..loop.pool import BindRequest
@@ -15,7 +16,6 @@ from ..nshelper import Mount
 from ..paths import Resolved
 from ..policy import Decision
 from ..probe import kernel_driver
-from ..registry import Call
 from ..session import MountRecord
 
 

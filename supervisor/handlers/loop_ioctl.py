@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Final
 
 from .. import origin
+from ..call import Call
 from ..errors import KernelError
 from ..loop.abi import (
     BLKGETSIZE,
@@ -58,7 +59,7 @@ from ..loop.abi import (
 from ..loop.device import device_size, status64
 from ..loop.pool import BindRequest, LoopPool, Slot
 from ..policy import SourceOrigin
-from ..registry import Call, layouts
+from ..registry import layouts
 from ..seccomp.notify import Response
 
 CONFIG_HEAD: Final = struct.Struct("<II")

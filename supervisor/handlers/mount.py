@@ -24,12 +24,12 @@ from .. import digest, mountopts
 from .. import syscalls as s
 from ..actions import fuse as actions_fuse
 from ..actions import kernel
+from ..call import Call
 from ..errors import KernelError
 from ..image import open_as_caller, open_source, pool_of
 from ..nshelper import Reconfigure, SetAttr
 from ..policy import Decision, MountRequest
 from ..probe import kernel_driver, probe_fd
-from ..registry import Call
 from ..seccomp.notify import Response
 
 USERNS_FILESYSTEMS: Final = frozenset(

@@ -16,9 +16,9 @@ import errno
 import posixpath
 
 from .. import syscalls as s
+from ..call import Call
 from ..errors import KernelError
 from ..nshelper import Unmount
-from ..registry import Call
 from ..seccomp.notify import Response
 
 _KNOWN_FLAGS = s.MNT_FORCE | s.MNT_DETACH | s.MNT_EXPIRE | s.UMOUNT_NOFOLLOW
