@@ -12,7 +12,7 @@ from pathlib import Path
 
 import oci
 import pytest
-from conftest import allow_policy
+from conftest import allow_policy, write_policy
 
 from supervisor.sources import oci as oci_source
 
@@ -51,4 +51,27 @@ def test_mount_o_loop_inside_a_runtime_container_uses_its_private_pool(
         mounts = [r for r in serve.records() if r.get("syscall") == "mount"]
         assert mounts and mounts[-1]["action"] == "kernel" and mounts[-1]["result"] == "OK", mounts
         assert mounts[-1]["container"] == f"mw-{runtime}-loop"
+        serve.wait_for("container-released")
+
+
+def test_a_fuse_handoff_in_a_runtime_container(tmp_path: Path, bundle_root: Path, images: dict[str, Path]) -> None:
+    """The jailed daemon joins the runtime's container (its namespaces and device cgroup) and its
+    superblock reaches the container's target; the daemon ends with the unmount."""
+    rule = {"name": "via-fuse", "match": {"target": "/**"}, "action": "fuse", "options": ["noexec"]}
+    policy = write_policy(tmp_path / "fuse.yaml", [rule])
+    script = (
+        f"{WAIT_FOR_POOL}; mount -o loop,ro /img/data.ext4 /mnt && cat /mnt/pub.txt; "
+        "grep ' /mnt ' /proc/self/mountinfo | cut -d' ' -f6; grep ' /mnt ' /proc/self/mountinfo | sed 's/.* - //'; "
+        "umount /mnt && echo unmounted"
+    )
+    with oci.serving(tmp_path, policy) as serve:
+        cfg = oci.config(bundle_root, ["/bin/sh", "-c", script], _profile(serve, "runc"), images["ext4"].parent)
+        run = oci.run("runc", tmp_path, "mw-runc-fuse", cfg)
+        assert run.returncode == 0, run.stderr
+        lines = run.stdout.splitlines()
+        assert lines[0] == "public" and lines[-1] == "unmounted", run.stdout + run.stderr
+        options, fstype = lines[1], lines[2].split()[0]
+        assert fstype.startswith("fuse") and {"ro", "nosuid", "nodev", "noexec"} <= set(options.split(",")), lines
+        mount = [r for r in serve.records() if r.get("syscall") == "mount" and r.get("caller") != "fuse-daemon"][-1]
+        assert mount["action"] == "fuse" and mount["result"] == "OK", mount
         serve.wait_for("container-released")
