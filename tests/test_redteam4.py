@@ -47,21 +47,18 @@ def _host_images_only(tmp_path: Path) -> Path:
     return write_policy(tmp_path / "host-only.yaml", [rule])
 
 
-def _runc(serve: oci.Serve, tmp_path: Path, root: Path, images: Path, name: str, script: str) -> list[str]:
+def _runc(serve: oci.Serve, tmp_path: Path, root: Path, images: Path, name: str, script: str | list[str]) -> list[str]:
     profile = oci_source.profile(None, str(serve.socket), runtime="runc", metadata="redteam4")
-    cfg = oci.config(root, ["/bin/sh", "-c", script], profile, images)
+    args = ["/bin/sh", "-c", script] if isinstance(script, str) else script
+    cfg = oci.config(root, args, profile, images)
     run = oci.run("runc", tmp_path, name, cfg)
     assert run.returncode == 0, run.stdout + run.stderr
     serve.wait_for("container-released")
     return run.stdout.split()
 
 
-def _bind_then_mount(bind_first: bool) -> str:
-    """Bind the container's own images over the host's /img (before or after the pool
-    appears, i.e. before or after adoption), then mount it through the pool."""
-    bind = "mount -o bind /tmp/evil /img && echo bound"
-    steps = [bind, WAIT_FOR_POOL] if bind_first else [WAIT_FOR_POOL, bind]
-    return "; ".join([*steps, "mount -o loop,ro /img/data.ext4 /mnt && echo mounted && umount /mnt", "true"])
+BIND = "mount -o bind /tmp/evil /img && echo bound"  # the container's own images over the host's /img
+MOUNT = "mount -o loop,ro /img/data.ext4 /mnt && echo mounted && umount /mnt; true"
 
 
 def _image_mounts(serve: oci.Serve) -> list[dict[str, Any]]:
@@ -74,7 +71,9 @@ def test_a_bind_of_the_containers_image_made_after_adoption_is_the_containers(
 ) -> None:
     """Guard (threat model #4 in serve): once adopted, a bind over a host path does not pass for the host's file."""
     with oci.serving(tmp_path, _host_images_only(tmp_path)) as serve:
-        out = _runc(serve, tmp_path, bundle_root, images["ext4"].parent, "mw-rt4-late", _bind_then_mount(False))
+        out = _runc(
+            serve, tmp_path, bundle_root, images["ext4"].parent, "mw-rt4-late", f"{WAIT_FOR_POOL}; {BIND}; {MOUNT}"
+        )
         assert out == ["bound"], out
         records = _image_mounts(serve)
         assert records and records[-1]["source_origin"] == "container" and records[-1]["result"] != "OK", records
@@ -90,13 +89,17 @@ def test_a_bind_of_the_containers_image_made_after_adoption_is_the_containers(
 def test_a_bind_made_before_adoption_does_not_make_the_containers_image_the_hosts(
     tmp_path: Path, bundle_root: Path, images: dict[str, Path]
 ) -> None:
-    """The command binds first thing; it wins the race against adoption often, not always: a few tries."""
-    for attempt in range(6):
+    """The container's first process binds first thing, then execs the shell; it wins the race
+    against adoption often, not always: a few tries."""
+    first = ["/bin/mountcall", "seq", "mount", "/tmp/evil", "/img", "none", "bind", ";", "exec-as", "0", "/bin/sh"]
+    for attempt in range(12):
         (tmp_path / str(attempt)).mkdir()
         with oci.serving(tmp_path / str(attempt), _host_images_only(tmp_path)) as serve:
             name = f"mw-rt4-early{attempt}"
-            out = _runc(serve, tmp_path, bundle_root, images["ext4"].parent, name, _bind_then_mount(True))
-            assert out[:1] == ["bound"], out
+            out = _runc(
+                serve, tmp_path, bundle_root, images["ext4"].parent, name, [*first, "-c", f"{WAIT_FOR_POOL}; {MOUNT}"]
+            )
+            assert out[:1] == ["OK"], out
             records = _image_mounts(serve)
             assert records, serve.records()
             assert "mounted" not in out and records[-1]["source_origin"] == "container", (attempt, out, records)
