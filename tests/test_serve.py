@@ -61,6 +61,7 @@ class Box:
     name: str
     root: Path  # its root on the host: /out is root/out
     proc: subprocess.Popen[bytes]  # lxc-start -F, or runc/crun run in the foreground
+    said: Path  # the runtime's output (OCI) or log (LXC)
 
     @property
     def key(self) -> str:
@@ -76,10 +77,13 @@ class Box:
         """What the container wrote to /out/`name`, once it has written it."""
         deadline = time.monotonic() + timeout
         while not self.out(name).exists():
-            assert self.proc.poll() is None, f"{self.name} ended before /out/{name}: {self.out('log').read_text()}"
+            assert self.proc.poll() is None, f"{self.name} ended before /out/{name}: {self.diagnosis()}"
             assert time.monotonic() < deadline, f"{self.name} did not get to /out/{name}"
             time.sleep(0.05)
         return self.out(name).read_text()
+
+    def diagnosis(self) -> str:
+        return "\n".join(p.read_text()[-3000:] for p in (self.out("log"), self.said) if p.exists())
 
 
 @contextlib.contextmanager
@@ -92,7 +96,7 @@ def box(
     init = f"{lxcrt.WAIT_FOR_POOL}\n{{\n{script}\n}} >>/out/log 2>&1\n"
     if runtime == "lxc":
         with lxcrt.started(workdir, serve.lxc_socket, name, init, images, (mountcall,)) as container:
-            yield Box(runtime, name, container.rootfs, container.monitor)
+            yield Box(runtime, name, container.rootfs, container.monitor, container.lxcpath / f"{name}.log")
         return
     root, imgdir = workdir / f"oci-root-{name}", workdir / f"oci-img-{name}"
     imgdir.mkdir(mode=0o755)
@@ -104,7 +108,7 @@ def box(
         profile = oci_source.profile(None, str(serve.socket), runtime=runtime)
         cfg = oci.config(root, ["/bin/sh", "-c", init], profile, imgdir, rw_images=True)
         with oci.running(runtime, tmp, name, cfg) as proc:
-            yield Box(runtime, name, root, proc)
+            yield Box(runtime, name, root, proc, tmp / f"{name}.out")
     finally:
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(imgdir, ignore_errors=True)
@@ -126,14 +130,14 @@ def _decisions(serve: oci.Serve, container: str) -> list[dict[str, Any]]:
 def _host_devices(init_pid: int) -> dict[str, str]:
     """The container's /dev/loopN -> the backing file of the host device behind it.
 
-    The nodes are links into the pool's /dev/.mountwarden; the links are absolute inside the
-    container, so they are followed here by hand, inside its root."""
+    The nodes are links into the pool's /dev/.mountwarden, followed here by hand inside the
+    container's root (an absolute link would lead into the host's)."""
     root = f"/proc/{init_pid}/root"
     found = {}
     for entry in os.listdir(f"{root}/dev"):
         if not entry.startswith("loop") or entry == "loop-control":
             continue
-        target = os.readlink(f"{root}/dev/{entry}")
+        target = os.path.join("/dev", os.readlink(f"{root}/dev/{entry}"))
         minor = os.minor(os.stat(f"{root}{target}").st_rdev)
         backing = Path(f"/sys/block/loop{minor}/loop/backing_file")
         found[entry] = f"loop{minor}:" + (backing.read_text().strip() if backing.exists() else "(unbound)")
@@ -189,7 +193,7 @@ while :; do mount -o loop /img/{image} /mnt; umount /mnt; echo >>/out/ticks; don
             rounds = b.out("ticks").stat().st_size
             deadline = time.monotonic() + 30
             while b.out("ticks").stat().st_size < rounds + 3:
-                assert time.monotonic() < deadline, f"{b.name} stopped mounting: {b.out('log').read_text()}"
+                assert time.monotonic() < deadline, f"{b.name} stopped mounting: {b.diagnosis()}"
                 time.sleep(0.02)
             os.kill(inits[b.name], signal.SIGKILL)
             b.proc.wait(timeout=60)
@@ -202,7 +206,7 @@ while :; do mount -o loop /img/{image} /mnt; umount /mnt; echo >>/out/ticks; don
         fresh = "mount -o loop,ro /img/f.ext4 /mnt && cat /mnt/pub.txt >/out/fresh; umount /mnt; touch /out/done"
         with box(runtime, serve, tmp_path, workdir, name, fresh, {"f.ext4": images["ext4"]}, mountcall) as b:
             b.wait_for("done")
-            assert b.out("fresh").read_text() == "public\n", b.out("log").read_text()
+            assert b.out("fresh").read_text() == "public\n", b.diagnosis()
         serve.wait_for_match("container-released", _key_is(b.key), timeout=30)
     refused = [r for r in serve.records("container-not-adopted")]
     assert not refused, refused
@@ -213,9 +217,11 @@ while :; do mount -o loop /img/{image} /mnt; umount /mnt; echo >>/out/ticks; don
 
 @contextlib.contextmanager
 def stoppable_image_mount(workdir: Path, image: Path) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
-    """A host squashfuse mount (open to the container's uid) holding `image` as data.ext4: while
-    its daemon is SIGSTOPped, opening or reading the image blocks until SIGCONT, on demand.
-    Lookups and attributes are cached for long, so only the open and reads reach the daemon."""
+    """A host squashfuse mount (open to the container's uid) holding `image` as mnt/data.ext4 of
+    the directory returned: while its daemon is SIGSTOPped, opening or reading the image blocks
+    until SIGCONT, on demand. Lookups and attributes are cached for long, so only the open and
+    reads reach the daemon. (The directory, not the FUSE mount, is for binding: a runtime's
+    read-only remount of a bind of the mount itself would drop its locked nosuid,nodev.)"""
     base = workdir / f"held-{os.getpid()}"
     (base / "src").mkdir(parents=True)
     shutil.copy(image, base / "src" / "data.ext4")
@@ -232,7 +238,7 @@ def stoppable_image_mount(workdir: Path, image: Path) -> Iterator[tuple[Path, su
         while not os.path.ismount(mnt):
             assert daemon.poll() is None and time.monotonic() < deadline, "squashfuse did not mount"
             time.sleep(0.02)
-        yield mnt, daemon
+        yield base, daemon
     finally:
         daemon.send_signal(signal.SIGCONT)
         subprocess.run(["umount", str(mnt)], capture_output=True)
@@ -267,23 +273,25 @@ def test_a_request_held_in_a_slow_path_delays_no_other_containers_answers(
             other, serve, tmp_path, workdir, fast, f"{WAIT_FOR_GO}\n{denied} >/out/answers\ntouch /out/done",
             {"data.ext4": images["ext4"]}, mountcall,
         ))  # fmt: skip
-        a_script = f"""ls -l /img/data.ext4 && touch /out/listed
+        a_script = f"""ls -l /img/mnt/data.ext4 && touch /out/listed
 {WAIT_FOR_GO}
-mountcall mount /img/data.ext4 /mnt ext4 ro >/out/held
+mountcall mount /img/mnt/data.ext4 /mnt ext4 ro >/out/held
 umount /mnt; touch /out/done"""
         root = workdir / f"oci-root-{slow}"
         oci.rootfs(root, mountcall)
         stack.callback(shutil.rmtree, root, ignore_errors=True)
         cfg = oci.config(root, ["/bin/sh", "-c", f"{lxcrt.WAIT_FOR_POOL}\n{{\n{a_script}\n}} >>/out/log 2>&1"],
                          oci_source.profile(None, str(serve.socket), runtime="runc"), held)  # fmt: skip
-        a = Box("runc", slow, root, stack.enter_context(oci.running("runc", tmp_path, slow, cfg)))
+        a = Box(
+            "runc", slow, root, stack.enter_context(oci.running("runc", tmp_path, slow, cfg)), tmp_path / f"{slow}.out"
+        )
         a.wait_for("listed")
         b_init, a_init = _adopted_init(serve, b.key), _adopted_init(serve, a.key)
         daemon.send_signal(signal.SIGSTOP)
         a.go()
         deadline = time.monotonic() + 30
         while not _in_mount_syscall(a_init, "mountcall"):
-            assert time.monotonic() < deadline, f"A's mount never reached the supervisor: {a.out('log').read_text()}"
+            assert time.monotonic() < deadline, f"A's mount never reached the supervisor: {a.diagnosis()}"
             time.sleep(0.05)
         b.go()
         b.wait_for("done")
@@ -293,7 +301,7 @@ umount /mnt; touch /out/done"""
         assert not [r for r in _decisions(serve, slow) if r.get("syscall") == "mount"]
         daemon.send_signal(signal.SIGCONT)
         a.wait_for("done")
-        assert a.out("held").read_text() == "OK\n", a.out("log").read_text()
+        assert a.out("held").read_text() == "OK\n", a.diagnosis()
         log = [r for r in serve.records() if r.get("syscall") == "mount"]
         order = [r["container"] for r in log if r.get("container") in (slow, fast)]
         assert order[-1] == slow and order.count(slow) == 1, order  # A's one decision came after all of B's
@@ -420,7 +428,7 @@ def _run_loop_mount(serve: oci.Serve, tmp_path: Path, workdir: Path, images: dic
     script = "mount -o loop,ro /img/data.ext4 /mnt && cat /mnt/pub.txt >/out/pub; umount /mnt; touch /out/done"
     with box("runc", serve, tmp_path, workdir, name, script, {"data.ext4": images["ext4"]}, mountcall) as b:
         b.wait_for("done")
-        assert b.out("pub").read_text() == "public\n", b.out("log").read_text()
+        assert b.out("pub").read_text() == "public\n", b.diagnosis()
 
 
 def _state(fds: list[str]) -> bytes:
