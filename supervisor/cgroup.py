@@ -76,8 +76,13 @@ class V1DeviceCgroup(_Dir):
 
     def _write(self, name: str, rule: devfilter.Rule) -> None:
         kind, major, minor = rule
-        with open(os.path.join(self.path, name), "w") as f:
-            f.write(f"{kind} {major}:{'*' if minor is None else minor} rwm")
+        try:
+            with open(os.path.join(self.path, name), "w") as f:
+                f.write(f"{kind} {major}:{'*' if minor is None else minor} rwm")
+        except FileNotFoundError:
+            if name != "devices.deny":
+                raise
+            # A runtime removed its container's cgroup first (the container ended): the grant went with it.
 
 
 class V2DeviceCgroup(_Dir):

@@ -27,6 +27,9 @@ _MAX_FDS: Final = 8
 
 Reply = dict[str, Any]
 Op = Callable[[dict[str, Any], list[int]], tuple[Reply, list[int]]]
+# In a helper: what an op asked to run once its supervisor is gone or done with it (the socket
+# closed). Also a killed supervisor closes it, before its death signal arrives.
+AT_END: list[Callable[[], None]] = []
 
 
 def name_process(comm: str, title: str) -> None:
@@ -83,6 +86,8 @@ class HelperProcess:
                 except Exception as exc:  # answered to every request, so the supervisor learns why
                     broken = f"the {name} could not start: {exc}"
                 _serve(child, ops, broken)
+                for last in AT_END:
+                    last()
             finally:
                 os._exit(0)
         child.close()

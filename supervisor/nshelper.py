@@ -19,14 +19,16 @@ import contextlib
 import dataclasses
 import errno
 import os
+import signal
 import socket
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 
 import prctl
 
-from . import fdops, minter, stager
+from . import fdops, helperproc, minter, stager
 from . import syscalls as s
 from .errors import KernelError
 from .helperproc import HelperProcess, Reply
@@ -74,6 +76,21 @@ class FuseMount:
     op: ClassVar[str] = "fuse-mount"
     options: list[str]  # key[=value] for fsconfig, checked by the supervisor
     attrs: int
+
+
+@dataclass(frozen=True)
+class Guard:
+    """Take the container's loop devices back if the supervisor dies first (a runtime's container
+    outlives it): fds[0] is the pool's node directory (readable), fds[1:] the container's device
+    cgroup directories, all opened by the supervisor outside the container's tree.
+
+    The helper then asks for SIGTERM at its parent's death (not SIGKILL) and, on it, denies in
+    those cgroups every loop device (block major 7) and /dev/fuse the cgroup lists, and removes
+    every node: else a device that autoclear frees and the host binds again would still be
+    the container's to read.
+    """
+
+    op: ClassVar[str] = "guard"
 
 
 @dataclass(frozen=True)
@@ -146,7 +163,7 @@ class CloneViews:
     paths: list[str]
 
 
-Request = Mount | Attach | FuseMount | Land | Unmount | SetAttr | Reconfigure | CloneViews
+Request = Mount | Attach | FuseMount | Guard | Land | Unmount | SetAttr | Reconfigure | CloneViews
 
 
 class NsHelper:
@@ -235,6 +252,10 @@ class NsHelper:
             raise KernelError(errno.EIO, "the namespace helper sent no FUSE mount")
         return got[0]
 
+    def guard(self, nodes_fd: int, cgroup_dirs: list[int]) -> None:
+        """See Guard."""
+        self.call(Guard(), (nodes_fd, *cgroup_dirs))
+
     def clone_views(self, root_fd: int, paths: list[str]) -> dict[str, int]:
         """Private detached copies of the container's mounts at `paths`; absent ones are left out."""
         reply, got = self.helper.call({"op": CloneViews.op, "paths": paths}, (root_fd,))
@@ -286,6 +307,54 @@ def _fuse_mount(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:
             os.close(fsfd)
 
     return {}, [_as_container_root(userns_fd, make, "FUSE mount")]
+
+
+_guarded: list[int] = []  # in the helper: Guard's fds
+
+
+def _guard(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  # pragma: no cover - in the helper
+    _guarded[:] = [os.dup(fd) for fd in fds]
+    helperproc.AT_END.append(_take_back)
+    signal.signal(signal.SIGTERM, _orphaned)
+    prctl.set_pdeathsig(signal.SIGTERM)
+    if os.getppid() == 1:  # the supervisor died before the death signal was asked for
+        _orphaned(signal.SIGTERM, None)
+    return {}, []
+
+
+def _orphaned(signum: int, frame: object) -> None:  # pragma: no cover - in the helper
+    _take_back()
+    os._exit(0)
+
+
+def _take_back() -> None:  # pragma: no cover - in the helper
+    """The supervisor is gone (or done with the container): deny the pool's devices, remove its nodes."""
+    nodes, *groups = _guarded
+    for group in groups:
+        with contextlib.suppress(OSError):
+            with open(os.open("devices.list", os.O_RDONLY | os.O_CLOEXEC, dir_fd=group)) as f:
+                granted = [line.split()[:2] for line in f if line.startswith(("b 7:", "c 10:229 "))]
+            for kind, numbers in granted:
+                deny = os.open("devices.deny", os.O_WRONLY | os.O_CLOEXEC, dir_fd=group)
+                try:
+                    os.write(deny, f"{kind} {numbers} rwm".encode())
+                finally:
+                    os.close(deny)
+    _remove_all(nodes)
+
+
+def _remove_all(dir_fd: int) -> None:  # pragma: no cover - in the helper
+    for name in os.listdir(dir_fd):
+        with contextlib.suppress(OSError):
+            if stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                try:
+                    _remove_all(sub)
+                finally:
+                    os.close(sub)
+                os.rmdir(name, dir_fd=dir_fd)
+            else:
+                os.unlink(name, dir_fd=dir_fd)
 
 
 def _land(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  # pragma: no cover - in the helper
@@ -421,6 +490,6 @@ def _clone_views(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]
 
 
 _OPS: Final = {
-    Mount.op: _attach, Attach.op: _attach_as_is, FuseMount.op: _fuse_mount, Land.op: _land,
+    Mount.op: _attach, Attach.op: _attach_as_is, FuseMount.op: _fuse_mount, Guard.op: _guard, Land.op: _land,
     Unmount.op: _umount, SetAttr.op: _setattr, Reconfigure.op: _reconfigure, CloneViews.op: _clone_views,
 }  # fmt: skip

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from . import dispatch
+from . import audit, dispatch
 from .session import Session
 
 Ready = Callable[[int, int], None]  # (fd, epoll events), run on the loop's thread
@@ -117,10 +117,18 @@ class Server:
                 elif fd in self._owner:
                     self._session_ready(self._owner[fd], fd, events)
                 elif fd in self._ready:
-                    self._ready[fd](fd, events)
+                    self._call(fd, events)
 
     def stop(self) -> None:
         self._stopping = True
+
+    def _call(self, fd: int, events: int) -> None:
+        """One socket's callback; its failure is logged and the fd dropped, never the loop's end."""
+        try:
+            self._ready[fd](fd, events)
+        except Exception:
+            audit.logger().exception("loop-callback-failed", fd=fd, effect="the fd is no longer watched")
+            self.unwatch(fd)
 
     def close(self, *, release: bool = True) -> None:
         """Wait for every worker, ending (releasing) every session first unless `release` is

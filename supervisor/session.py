@@ -129,6 +129,10 @@ class Session:
         kept, sysview = adopted.views(self.nshelper(), self.init_pid, owner, names)
         self._dirs.extend(kept)
         self._open_pool(kept[0], sysview, cgroups)
+        with contextlib.ExitStack() as stack:
+            nodes = _closing(stack, os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=kept[0]))
+            groups = [_closing(stack, os.open(g.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)) for g in cgroups]
+            self.nshelper().guard(nodes, groups)  # the container outlives us: see nshelper.Guard
         return self
 
     def _begin(

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,28 @@ from conftest import mountwarden, read_audit
 
 CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_SETUID", "CAP_SETGID", "CAP_SYS_ADMIN", "CAP_KILL",
         "CAP_SYS_CHROOT", "CAP_MKNOD"]  # fmt: skip
-BUSYBOX_TOOLS = ("sh", "cat", "echo", "grep", "ls", "losetup", "mount", "umount", "mkdir", "sleep", "wc", "test", "dd")
+BUSYBOX_TOOLS = (
+    "sh",
+    "cat",
+    "echo",
+    "grep",
+    "ls",
+    "losetup",
+    "mount",
+    "umount",
+    "mkdir",
+    "sleep",
+    "wc",
+    "test",
+    "dd",
+    "touch",
+    "readlink",
+)
 
 
 def rootfs(path: Path, mountcall: Path) -> Path:
     """A busybox root owned by the container's root (host uid 100000)."""
-    for d in ("bin", "proc", "dev", "sys", "tmp", "mnt", "img", "etc"):
+    for d in ("bin", "proc", "dev", "sys", "tmp", "mnt", "img", "etc", "out"):
         (path / d).mkdir(parents=True, exist_ok=True)
     shutil.copy("/bin/busybox", path / "bin" / "busybox")
     for tool in BUSYBOX_TOOLS:
@@ -88,12 +105,15 @@ def config(
 class Serve:
     """`mountwarden serve` on a socket of its own, with its audit log."""
 
-    def __init__(self, tmp: Path, policy: Path) -> None:
+    def __init__(self, tmp: Path, policy: Path, *, lxc: bool = False) -> None:
         self.socket = tmp / "oci.sock"
+        self.lxc_socket = tmp / "lxc.sock"  # served with `lxc`
         self.log = tmp / "serve-audit.log"
         cmd = mountwarden(
             "serve", "--policy", str(policy), "--oci-socket", str(self.socket), "--audit-log", str(self.log)
         )
+        if lxc:
+            cmd += ["--lxc-socket", str(self.lxc_socket)]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 20
         while not any(r.get("event") == "serve-ready" for r in read_audit(self.log)):
@@ -111,6 +131,16 @@ class Serve:
             time.sleep(0.05)
         return found
 
+    def wait_for_match(
+        self, event: str, match: Callable[[dict[str, Any]], bool], timeout: float = 10
+    ) -> dict[str, Any]:
+        """The first `event` record `match` accepts, waiting for it to be written."""
+        deadline = time.monotonic() + timeout
+        while not (found := [r for r in self.records(event) if match(r)]):
+            assert time.monotonic() < deadline, f"no such {event} in the audit log"
+            time.sleep(0.05)
+        return found[0]
+
     def stop(self) -> int:
         self.proc.terminate()
         try:
@@ -121,8 +151,8 @@ class Serve:
 
 
 @contextlib.contextmanager
-def serving(tmp: Path, policy: Path) -> Iterator[Serve]:
-    serve = Serve(tmp, policy)
+def serving(tmp: Path, policy: Path, *, lxc: bool = False) -> Iterator[Serve]:
+    serve = Serve(tmp, policy, lxc=lxc)
     try:
         yield serve
     finally:
@@ -132,7 +162,7 @@ def serving(tmp: Path, policy: Path) -> Iterator[Serve]:
 
 def runtime_argv(runtime: str, state: Path, *args: str) -> list[str]:
     if runtime == "crun":
-        inner = " ".join(["crun", "--root", str(state), *args])
+        inner = shlex.join(["crun", "--root", str(state), *args])
         return ["unshare", "-m", "--propagation", "private", "sh", "-c",
                 f"umount /sys/fs/cgroup/unified 2>/dev/null; exec {inner}"]  # fmt: skip
     return ["runc", "--root", str(state), *args]
@@ -142,10 +172,7 @@ def run(
     runtime: str, tmp: Path, name: str, cfg: dict[str, Any], timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     """Run the container `name` to its end in the foreground; delete it whatever happens."""
-    bundle = tmp / f"bundle-{name}"
-    bundle.mkdir(exist_ok=True)
-    (bundle / "config.json").write_text(json.dumps(cfg))
-    state = tmp / f"{runtime}-state"
+    bundle, state = _bundle(tmp, name, cfg), tmp / f"{runtime}-state"
     try:
         return subprocess.run(
             runtime_argv(runtime, state, "run", "--bundle", str(bundle), name),
@@ -154,3 +181,47 @@ def run(
     finally:
         subprocess.run(runtime_argv(runtime, state, "kill", name, "KILL"), capture_output=True)
         subprocess.run(runtime_argv(runtime, state, "delete", "--force", name), capture_output=True)
+
+
+def _bundle(tmp: Path, name: str, cfg: dict[str, Any]) -> Path:
+    bundle = tmp / f"bundle-{name}"
+    bundle.mkdir(exist_ok=True)
+    (bundle / "config.json").write_text(json.dumps(cfg))
+    return bundle
+
+
+@contextlib.contextmanager
+def running(runtime: str, tmp: Path, name: str, cfg: dict[str, Any]) -> Iterator[subprocess.Popen[bytes]]:
+    """The container `name` started in the foreground (its runtime this process's child, its
+    output in tmp/NAME.out); killed and deleted at the end, however it ended."""
+    bundle, state = _bundle(tmp, name, cfg), tmp / f"{runtime}-state"
+    with open(tmp / f"{name}.out", "wb") as out:
+        proc = subprocess.Popen(
+            runtime_argv(runtime, state, "run", "--bundle", str(bundle), name),
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        yield proc
+    finally:
+        subprocess.run(runtime_argv(runtime, state, "kill", name, "KILL"), capture_output=True)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        subprocess.run(runtime_argv(runtime, state, "delete", "--force", name), capture_output=True)
+
+
+def init_pid(runtime: str, tmp: Path, name: str) -> int:
+    """The host pid of the running container's init, as its runtime reports it."""
+    out = subprocess.run(runtime_argv(runtime, tmp / f"{runtime}-state", "state", name),
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    return int(json.loads(out)["pid"])
+
+
+def exec_in(runtime: str, tmp: Path, name: str, script: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`runc exec` / `crun exec` of a shell running `script` in the running container `name`."""
+    return subprocess.run(
+        runtime_argv(runtime, tmp / f"{runtime}-state", "exec", name, "/bin/sh", "-c", script),
+        capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+    )  # fmt: skip

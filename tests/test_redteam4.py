@@ -2,8 +2,8 @@
 
 The attacker is the root of a runc container (root of its user namespace, CAP_SYS_ADMIN there,
 under the profile `mountwarden profile oci` prints), or, for the socket, a root process of the
-host posing as a runtime. Holes are strict xfails whose reason says what is wrong; attacks that
-fail stay as guards.
+host posing as a runtime. Each hole found is kept as the test that now fails closed, its
+docstring saying what was wrong; attacks that failed stay as guards.
 """
 
 from __future__ import annotations
@@ -79,18 +79,19 @@ def test_a_bind_of_the_containers_image_made_after_adoption_is_the_containers(
         assert records and records[-1]["source_origin"] == "container" and records[-1]["result"] != "OK", records
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="serve records the container's mount tree (origin.Tree) when it adopts the container, on its worker, "
-    "after the runtime has started the container's command: a bind the command makes at once over a trusted "
-    "host path is in that tree, so the container's own image passes for the host's (source_origin: host) and a "
-    "host-only rule hands it to the kernel's ext4 driver",
-)
 def test_a_bind_made_before_adoption_does_not_make_the_containers_image_the_hosts(
     tmp_path: Path, bundle_root: Path, images: dict[str, Path]
 ) -> None:
-    """The container's first process binds first thing, then execs the shell; it wins the race
-    against adoption often, not always: a few tries."""
+    """Hole: serve recorded the container's mount tree (origin.Tree) when it adopted the
+    container, on its worker, after the runtime had started the container's command: a bind the
+    command made at once over a trusted host path was in that tree, so the container's own image
+    passed for the host's (source_origin: host) and a host-only rule gave it to the kernel's
+    ext4 driver. The container's first process binds first thing, then execs the shell; it won
+    the race against adoption often, not always: a few tries.
+
+    Fixed: a runtime's profile notifies every mount(2), binds and moves included, and refuses
+    open_tree and move_mount; the session takes the tree before it answers any call.
+    """
     first = ["/bin/mountcall", "seq", "mount", "/tmp/evil", "/img", "none", "bind", ";", "exec-as", "0", "/bin/sh"]
     for attempt in range(12):
         (tmp_path / str(attempt)).mkdir()
@@ -151,13 +152,10 @@ def test_malformed_runtime_documents_are_dropped_and_serve_goes_on(tmp_path: Pat
         assert not [r for r in serve.records("container-adopted")], "a forged document adopted a container"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sources/oci.py `complete` runs json.JSONDecoder.raw_decode outside any try on the loop thread: a "
-    "deeply nested document raises RecursionError (not ValueError), which escapes Server.run and ends serve, "
-    "releasing every container",
-)
 def test_a_deeply_nested_document_does_not_end_serve(tmp_path: Path) -> None:
+    """Hole: the OCI source parsed on the loop thread outside any try: a deeply nested document
+    raised RecursionError (not ValueError), which ended serve and released every container.
+    Fixed: such a document is refused; no socket callback can end the loop."""
     with oci.serving(tmp_path, allow_policy(tmp_path)) as serve:
         with _connect(serve) as sock:
             sock.sendall(b"[" * 5000)
@@ -167,16 +165,13 @@ def test_a_deeply_nested_document_does_not_end_serve(tmp_path: Path) -> None:
 SECRET = b"SECRET-HOST-DATA"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a SIGKILL of serve leaves the runtime's v1 device cgroup granting the pool's host loop devices "
-    "(nobody revokes grants in a cgroup that is not serve's own) and leaves the host tmpfs at /dev/.mountwarden "
-    "with their nodes in the container: once autoclear frees the device and the host (or another container) binds "
-    "it again, the container reads that data",
-)
 def test_a_killed_serve_leaves_no_grant_on_a_host_loop_device_the_host_reuses(
     tmp_path: Path, bundle_root: Path, images: dict[str, Path]
 ) -> None:
+    """Hole: a SIGKILL of serve left the runtime's v1 device cgroup granting the pool's host loop
+    devices and the nodes in /dev/.mountwarden: once autoclear freed a device and the host bound
+    it again, the container read the host's data. Fixed: the namespace helper, which outlives
+    serve by a death signal, denies the grants and removes the nodes (nshelper.Guard)."""
     secret = tmp_path / "secret.img"
     secret.write_bytes(SECRET * 4096)
     dev_txt, go = bundle_root / "tmp" / "dev.txt", bundle_root / "tmp" / "go"

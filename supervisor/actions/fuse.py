@@ -93,7 +93,12 @@ def daemon_mount(call: Call, fstype: str | None, flags: int, data: str | None) -
     and attaches it only at the container's target (see `_fuse_mount`).
     """
     daemon, t = call.session.fuse_starting, call.target
-    if daemon is None or daemon.mount_fd >= 0 or flags & (s.MS_REMOUNT | s.MS_BIND | s.MS_MOVE):
+    if (
+        daemon is None
+        or t.listener != daemon.listener
+        or daemon.mount_fd >= 0
+        or flags & (s.MS_REMOUNT | s.MS_BIND | s.MS_MOVE)
+    ):
         raise KernelError(errno.EPERM, "a FUSE daemon of mountwarden's mounts its own file system once, nothing else")
     if fstype is None or (fstype != "fuse" and not fstype.startswith("fuse.")):
         raise KernelError(errno.EPERM, f"a FUSE daemon of mountwarden's mounts only FUSE, not {fstype}")

@@ -30,6 +30,7 @@ from ..image import open_as_caller, open_source, pool_of
 from ..nshelper import Reconfigure, SetAttr
 from ..policy import Decision, MountRequest
 from ..probe import kernel_driver, probe_fd
+from ..seccomp import filter as seccomp_filter
 from ..seccomp.notify import Response
 
 USERNS_FILESYSTEMS: Final = frozenset(
@@ -59,6 +60,11 @@ def handle(call: Call) -> Response:
     call.audit["secret"] = {"data": data}  # mount data can carry credentials: trace level only
     if call.caller == "fuse-daemon":
         return actions_fuse.daemon_mount(call, fstype, args[3], data)
+    if not flags & s.MS_REMOUNT and flags & seccomp_filter.NO_NEW_SB:
+        # A bind, move or propagation change (a runtime's profile notifies them, see
+        # seccomp/filter.py): it copies flags unchanged and makes no superblock.
+        call.audit.update(action="kernel-native", rule="bind-move-propagation")
+        return Response.continue_(call.notif.id)
     if fstype and (fstype in USERNS_FILESYSTEMS or fstype.startswith("fuse.")) and not flags & s.MS_REMOUNT:
         call.audit.update(action="kernel-native", rule="userns-filesystem")
         return Response.continue_(call.notif.id)

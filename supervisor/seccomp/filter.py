@@ -57,6 +57,10 @@ BLOCK_SIZE_IOCTLS: Final = (0x1260, 0x80081272, 0x80041272)
 # ABI since the tables were unified at 424 (x32 adds its bit).
 REFUSED_SYSCALLS: Final = {"fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433, "mount_setattr": 442,
                            "open_tree_attr": 467}  # fmt: skip
+# What a runtime's profile refuses besides: the calls that attach a mount the supervisor would
+# not see. A runtime's container runs before it is adopted, so every mount it makes must pass
+# the supervisor, which records the mount table first (see supervisor/sources/).
+RUNTIME_REFUSED_SYSCALLS: Final = ("open_tree", "move_mount", *REFUSED_SYSCALLS)
 LAST_KNOWN_NR: Final = 469  # file_setattr, the end of Linux 6.18's tables
 # A mount(2) with none of these creates a superblock.
 NO_NEW_SB: Final = (

@@ -34,7 +34,7 @@ from ..seccomp import filter as seccomp_filter
 from ..seccomp import notify
 from ..server import Server
 from ..session import Session
-from ..syscalls import MNT_FORCE, MS_REMOUNT
+from ..syscalls import MNT_FORCE
 
 # struct seccomp_notify_proxy_msg (lxc src/lxc/lxcseccomp.h): u64 __reserved; pid_t monitor_pid,
 # init_pid; struct seccomp_notif_sizes {u16 notif, resp, data}; 2 bytes padding; u64 cookie_len.
@@ -400,7 +400,7 @@ def _remove_stale(path: str) -> None:
 DEBIAN_BASE: Final = "/usr/share/lxc/config/common.seccomp"
 _LOW32: Final = 0xFFFFFFFF
 _LIST_KINDS: Final = ("denylist", "allowlist", "blacklist", "whitelist")
-_MANAGED: Final = ("mount", "umount", "umount2", "ioctl", "seccomp", *seccomp_filter.REFUSED_SYSCALLS)
+_MANAGED: Final = ("mount", "umount", "umount2", "ioctl", "seccomp", *seccomp_filter.RUNTIME_REFUSED_SYSCALLS)
 
 
 def profile(base_text: str) -> str:
@@ -426,15 +426,14 @@ def profile(base_text: str) -> str:
     rules = [
         "[all]",
         "# mountwarden: served by `mountwarden serve` (lxc.seccomp.notify.proxy)",
-        f"mount notify [3,{MS_REMOUNT},SCMP_CMP_MASKED_EQ,{MS_REMOUNT}]",
-        f"mount notify [3,0,SCMP_CMP_MASKED_EQ,{seccomp_filter.NO_NEW_SB}]",
+        "mount notify",
         f"umount2 notify [1,0,SCMP_CMP_MASKED_EQ,{MNT_FORCE}]",
         "umount notify",
     ]
     rules += [f"ioctl notify [1,{value},SCMP_CMP_MASKED_EQ,{mask}]" for mask, value in seccomp_filter.LOOP_IOCTL_MASKS]
     rules += [f"ioctl notify [1,{request},SCMP_CMP_MASKED_EQ,{_LOW32}]" for request in seccomp_filter.BLOCK_SIZE_IOCTLS]
     rules += ["# mountwarden: the new mount API is refused (ENOSYS) so that every mount goes through mount(2)"]
-    rules += [f"{name} errno {errno.ENOSYS}" for name in seccomp_filter.REFUSED_SYSCALLS]
+    rules += [f"{name} errno {errno.ENOSYS}" for name in seccomp_filter.RUNTIME_REFUSED_SYSCALLS]
     rules += ["# mountwarden: no listener of the container's own (SECCOMP_FILTER_FLAG_NEW_LISTENER)"]
     rules += [f"seccomp errno {errno.EINVAL} [1,{seccomp_filter.SECCOMP_FILTER_FLAG_NEW_LISTENER},SCMP_CMP_MASKED_EQ,"
               f"{seccomp_filter.SECCOMP_FILTER_FLAG_NEW_LISTENER}]"]  # fmt: skip

@@ -26,7 +26,6 @@ import stat
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
-from .. import syscalls as sys_
 from ..policy import ContainerInfo
 from ..seccomp import filter as seccomp_filter
 
@@ -63,6 +62,8 @@ def parse_state(raw: bytes) -> ProcessState:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadState(f"not a JSON document: {exc}") from None
+    except RecursionError:
+        raise BadState("the document is nested too deeply") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("state"), dict):
         raise BadState("no 'state' object")
     fds, state = doc.get("fds"), doc["state"]
@@ -93,12 +94,17 @@ def _pid(value: Any, what: str) -> int:
 
 
 def complete(buffer: bytes) -> bytes | None:
-    """The first complete JSON document at the start of `buffer`, or None while it is incomplete."""
+    """The first complete JSON document at the start of `buffer`, or None while it is incomplete.
+
+    BadState for one no parser could take (nested deeper than Python recurses).
+    """
     text = buffer.decode("utf-8", errors="surrogateescape")
     try:
         _, end = json.JSONDecoder().raw_decode(text.lstrip())
     except ValueError:
         return None
+    except RecursionError:
+        raise BadState("the document is nested too deeply") from None
     skipped = len(text) - len(text.lstrip())
     return text[: skipped + end].encode("utf-8", errors="surrogateescape")
 
@@ -157,7 +163,7 @@ class OciSource:
     def _read(self, fd: int) -> None:
         pending = self._pending[fd]
         try:
-            data, ancdata, _, _ = pending.sock.recvmsg(
+            data, ancdata, flags, _ = pending.sock.recvmsg(
                 MAX_DOCUMENT, socket.CMSG_SPACE(_MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
             )
         except (BlockingIOError, InterruptedError):
@@ -171,10 +177,12 @@ class OciSource:
                 usable = len(payload) - len(payload) % 4
                 pending.fds.extend(int.from_bytes(payload[i : i + 4], "little") for i in range(0, usable, 4))
         pending.data += data
-        document = complete(pending.data)
-        if document is None and data and len(pending.data) < MAX_DOCUMENT:
-            return  # runc keeps the connection open: wait for the rest of the document, not for EOF
         try:
+            if len(pending.fds) > _MAX_FDS or flags & socket.MSG_CTRUNC:
+                raise BadState(f"more than {_MAX_FDS} fds on one connection")
+            document = complete(pending.data)
+            if document is None and data and len(pending.data) < MAX_DOCUMENT:
+                return  # runc keeps the connection open: wait for the rest of the document, not for EOF
             if document is None:
                 raise BadState("the connection ended before a complete document" if not data else "document too large")
             self._announce(parse_state(document), pending)
@@ -231,7 +239,7 @@ def _peer_uid(conn: socket.socket) -> int:
 
 
 DEFAULT_SOCKET: Final = "/run/mountwarden/oci.sock"
-_OURS: Final = frozenset({"mount", "umount", "umount2", "ioctl", *seccomp_filter.REFUSED_SYSCALLS})
+_OURS: Final = frozenset({"mount", "umount", "umount2", "ioctl", *seccomp_filter.RUNTIME_REFUSED_SYSCALLS})
 _ALLOW: Final = "SCMP_ACT_ALLOW"
 
 
@@ -263,7 +271,7 @@ def profile(
         if names:
             rules.append({**rule, "names": names})
     rules += _notify_rules()
-    rules.append({"names": sorted(seccomp_filter.REFUSED_SYSCALLS), "action": "SCMP_ACT_ERRNO", "errnoRet": 38})
+    rules.append({"names": sorted(seccomp_filter.RUNTIME_REFUSED_SYSCALLS), "action": "SCMP_ACT_ERRNO", "errnoRet": 38})
     section["syscalls"] = rules
     section["listenerPath"] = listener_path
     if metadata:
@@ -282,8 +290,7 @@ def _notify_rules() -> list[dict[str, Any]]:
 
     notify = "SCMP_ACT_NOTIFY"
     rules: list[dict[str, Any]] = [
-        {"names": ["mount"], "action": notify, "args": [masked(3, sys_.MS_REMOUNT, sys_.MS_REMOUNT)]},
-        {"names": ["mount"], "action": notify, "args": [masked(3, seccomp_filter.NO_NEW_SB, 0)]},
+        {"names": ["mount"], "action": notify},  # binds and moves too: the container may run before adoption
         {"names": ["umount2", "umount"], "action": notify},
     ]
     for mask, value in seccomp_filter.LOOP_IOCTL_MASKS:
