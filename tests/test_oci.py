@@ -7,6 +7,7 @@ container's own tools (busybox) mount images through its private loop pool.
 from __future__ import annotations
 
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -75,3 +76,28 @@ def test_a_fuse_handoff_in_a_runtime_container(tmp_path: Path, bundle_root: Path
         mount = [r for r in serve.records() if r.get("syscall") == "mount" and r.get("caller") != "fuse-daemon"][-1]
         assert mount["action"] == "fuse" and mount["result"] == "OK", mount
         serve.wait_for("container-released")
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_a_write_to_a_read_write_image_reaches_the_image(
+    runtime: str, tmp_path: Path, workdir: Path, bundle_root: Path, images: dict[str, Path]
+) -> None:
+    """The container's root opens the image read-write itself; what it writes is in the file afterwards."""
+    own = workdir / f"oci-rw-{tmp_path.name}"
+    own.mkdir()
+    image = own / "rw.ext4"
+    shutil.copy(images["ext4"], image)
+    image.chmod(0o666)
+    script = (
+        f"{WAIT_FOR_POOL}; mount -o loop /img/rw.ext4 /mnt && echo written-inside > /mnt/new.txt && umount /mnt "
+        "&& mount -o loop,ro /img/rw.ext4 /mnt && cat /mnt/new.txt && umount /mnt"
+    )
+    try:
+        with oci.serving(tmp_path, allow_policy(tmp_path)) as serve:
+            cfg = oci.config(bundle_root, ["/bin/sh", "-c", script], _profile(serve, runtime), own, rw_images=True)
+            run = oci.run(runtime, tmp_path, f"mw-{runtime}-rw", cfg)
+            assert run.returncode == 0 and run.stdout.split() == ["written-inside"], run.stdout + run.stderr
+        shown = subprocess.run(["debugfs", "-R", "cat /new.txt", str(image)], capture_output=True, text=True)
+        assert shown.stdout.strip() == "written-inside", shown.stderr
+    finally:
+        shutil.rmtree(own, ignore_errors=True)
