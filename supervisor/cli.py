@@ -20,7 +20,7 @@ from .errors import KernelError
 from .policy import ContainerInfo, MountRequest, Policy, PolicyError, load_policy
 from .probe import probe_fd
 from .seccomp import notify
-from .sources import lxc, oci
+from .sources import client, control, lxc, oci
 from .sources import run as runner
 
 _NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
@@ -71,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
         "and write a policy allowing everything requested to FILE at exit",
     )
     run.add_argument("-v", "--verbose", action="store_true", help="also log mount data (may hold credentials)")
+    run.add_argument(
+        "--control-socket", default=control.DEFAULT_SOCKET, metavar="PATH",
+        help=f"as an ordinary user: the control socket of `mountwarden serve` (default {control.DEFAULT_SOCKET})",
+    )  # fmt: skip
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARG]...")
     run.set_defaults(func=cmd_run)
     serve = sub.add_parser("serve", help="serve the containers of container runtimes (OCI listenerPath)")
@@ -84,6 +88,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--lxc-socket", metavar="PATH",
         help="also listen for LXC monitors here: the path of lxc.seccomp.notify.proxy (unix:PATH)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--control-socket", default=control.DEFAULT_SOCKET, metavar="PATH",
+        help="where ordinary users' `mountwarden run` hands over its containers (default "
+        f"{control.DEFAULT_SOCKET}, reachable by every user; '' for none)",
     )  # fmt: skip
     serve.add_argument("--socket-group", metavar="GROUP", help="let GROUP reach the sockets too (default: root only)")
     serve.add_argument("--audit-log", metavar="FILE", help="append audit records to FILE (default: stderr)")
@@ -196,6 +205,29 @@ def _file_digest(fd: int) -> str:
     return h.hexdigest()
 
 
+def _run_as_user(args: argparse.Namespace, command: list[str]) -> int:
+    """An ordinary user's run: the container is the user's own, a running `serve` serves it."""
+    refused = [opt for opt, given in (("--policy", args.policy), ("--rootfs", args.rootfs), ("--learn", args.learn),
+                                       ("--audit-log", args.audit_log)) if given]  # fmt: skip
+    if refused:
+        print(
+            f"mountwarden run: {', '.join(refused)} need root; as an ordinary user, `mountwarden serve`'s policy "
+            "applies and its audit log records the container",
+            file=sys.stderr,
+        )
+        return 2
+    name = args.name or f"mw-{os.getpid()}"
+    if not _NAME.fullmatch(name):
+        print(f"mountwarden run: --name {name!r}: use up to 63 letters, digits, '.', '_' or '-'", file=sys.stderr)
+        return 2
+    try:
+        env = runner.container_env(args.env, os.environ)
+    except ValueError as exc:
+        print(f"mountwarden run: {exc}", file=sys.stderr)
+        return 2
+    return client.start(client.Options(command, name, env, args.control_socket, net_host=args.net == "host"))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         print("mountwarden serve: the supervisor must run as root (it mounts for the containers)", file=sys.stderr)
@@ -221,7 +253,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         audit.configure(stream, logging.DEBUG if args.verbose else logging.INFO)
         notify.check_sizes()
         return daemon.serve(
-            args.policy, policy, audit.logger(), oci_socket=args.oci_socket, lxc_socket=args.lxc_socket, gid=gid
+            args.policy,
+            policy,
+            audit.logger(),
+            oci_socket=args.oci_socket,
+            lxc_socket=args.lxc_socket,
+            control_socket=args.control_socket,
+            gid=gid,
         )
 
 
@@ -261,8 +299,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("mountwarden run: no command given (mountwarden run [OPTIONS] -- CMD [ARG]...)", file=sys.stderr)
         return 2
     if os.geteuid() != 0:
-        print("mountwarden run: the supervisor must run as root (it mounts for the container)", file=sys.stderr)
-        return 2
+        return _run_as_user(args, command)
     try:
         policy = load_policy(args.policy)
     except PolicyError as exc:

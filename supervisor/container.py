@@ -148,7 +148,7 @@ class Container:
         """Reap the waiter; its exit code is the command's (128+N if a signal N ended it)."""
         if self.exit_code is None:
             _, status = os.waitpid(self.pid, 0)
-            self.exit_code = _exit_code(status)
+            self.exit_code = exit_code(status)
         return self.exit_code
 
     def release(self) -> None:
@@ -195,7 +195,7 @@ def _write_maps(pid: int, spec: Spec) -> None:
         f.write(spec.gids.map_line())
 
 
-def _exit_code(status: int) -> int:
+def exit_code(status: int) -> int:
     code = os.waitstatus_to_exitcode(status)
     return 128 - code if code < 0 else code
 
@@ -205,7 +205,7 @@ def name_process(role: str, container: str) -> None:
     helperproc.name_process(f"mw-{role}", f"mountwarden {role} {container}")
 
 
-def _die_with_parent(parent: int) -> None:
+def die_with_parent(parent: int) -> None:
     s.prctl(s.PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:
         os._exit(137)
@@ -223,7 +223,7 @@ def _waiter(spec: Spec, sock: socket.socket, supervisor: int) -> NoReturn:  # pr
     try:
         for sig in FORWARDED:
             signal.signal(sig, signal.SIG_IGN)  # the init handles them; a terminal's ^C must not kill us
-        _die_with_parent(supervisor)
+        die_with_parent(supervisor)
         name_process("waiter", spec.name)
         # From here on no process of the container holds the operator's stdio.
         stdio = spec.stdio or ((os.open(os.devnull, os.O_RDWR),) * 3 if spec.pty else None)
@@ -251,7 +251,7 @@ def _waiter(spec: Spec, sock: socket.socket, supervisor: int) -> NoReturn:  # pr
             os.close(fd)
         sock.close()
         _, status = os.waitpid(holder, 0)
-        os._exit(_exit_code(status))
+        os._exit(exit_code(status))
     except BaseException as exc:
         with contextlib.suppress(OSError):
             _send(sock, {"error": f"container set-up failed: {exc}"})
@@ -261,7 +261,7 @@ def _waiter(spec: Spec, sock: socket.socket, supervisor: int) -> NoReturn:  # pr
 def _holder(spec: Spec, sock: socket.socket, token: int, report: int, waiter: int) -> NoReturn:  # pragma: no cover
     """Second child: the container's user namespace and the namespaces it owns; forks the init."""
     try:
-        _die_with_parent(waiter)
+        die_with_parent(waiter)
         name_process("holder", spec.name)
         s.unshare(s.CLONE_NEWUSER)
         os.write(report, b"u")
@@ -269,7 +269,7 @@ def _holder(spec: Spec, sock: socket.socket, token: int, report: int, waiter: in
         os.setresgid(0, 0, 0)
         os.setresuid(0, 0, 0)
         os.setgroups([])
-        _die_with_parent(waiter)  # a credential change clears the parent-death signal
+        die_with_parent(waiter)  # a credential change clears the parent-death signal
         s.unshare(s.CLONE_NEWPID | s.CLONE_NEWUTS | s.CLONE_NEWIPC | (0 if spec.net_host else s.CLONE_NEWNET))
         init = os.fork()
         if init == 0:
@@ -280,7 +280,7 @@ def _holder(spec: Spec, sock: socket.socket, token: int, report: int, waiter: in
         os.close(report)
         sock.close()
         _, status = os.waitpid(init, 0)
-        os._exit(_exit_code(status))
+        os._exit(exit_code(status))
     except BaseException as exc:
         with contextlib.suppress(OSError):
             _send(sock, {"error": f"container set-up failed: {exc}"})
@@ -316,13 +316,13 @@ def _init(spec: Spec, sock: socket.socket, token: int) -> NoReturn:  # pragma: n
     try:
         _token(token, "the waiter did not mount /proc")
         os.close(token)
-        _die_with_parent(0)  # the holder is outside our pid namespace: getppid() says 0
+        die_with_parent(0)  # the holder is outside our pid namespace: getppid() says 0
         name_process("init", spec.name)
         s.unshare(s.CLONE_NEWNS)  # a copy of the staged tree, every mount locked
         os.setsid()  # no controlling terminal: /dev/tty answers ENXIO
         socket.sethostname(spec.name)
         if not spec.net_host:
-            _loopback_up()
+            loopback_up()
         os.chdir(spec.rootfs or "/")
         s.mount("devpts", "dev/pts", "devpts", s.MS_NOSUID | s.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")
         if spec.rootfs:
@@ -347,15 +347,21 @@ def _init(spec: Spec, sock: socket.socket, token: int) -> NoReturn:  # pragma: n
         with contextlib.suppress(OSError):
             _send(sock, {"error": f"container init failed: {exc}"})
         os._exit(126)
+    run_command(spec.argv, spec.env, handled)
+
+
+def run_command(argv: list[str], env: dict[str, str], handled: set[signal.Signals]) -> NoReturn:  # pragma: no cover
+    """As the container's pid 1: fork the command, reap every orphan, pass the `handled`
+    signals (blocked by the caller) on to the command, exit with its status."""
     command = os.fork()
     if command == 0:
         for sig in FORWARDED:  # ignored in the waiter, and exec would pass SIG_IGN on
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         try:
-            os.execvpe(spec.argv[0], spec.argv, spec.env)
+            os.execvpe(argv[0], argv, env)
         except OSError as exc:
-            print(f"mountwarden: cannot run {spec.argv[0]!r}: {exc.strerror}", file=sys.stderr)
+            print(f"mountwarden: cannot run {argv[0]!r}: {exc.strerror}", file=sys.stderr)
             os._exit(127)
     while True:
         info = signal.sigwaitinfo(handled)
@@ -368,7 +374,7 @@ def _init(spec: Spec, sock: socket.socket, token: int) -> NoReturn:  # pragma: n
                 if pid == 0:
                     break
                 if pid == command:
-                    os._exit(_exit_code(status))
+                    os._exit(exit_code(status))
         elif info.si_code != s.SI_KERNEL:  # a terminal's signal already reached the command
             with contextlib.suppress(ProcessLookupError):
                 os.kill(command, info.si_signo)
@@ -389,7 +395,7 @@ def _own_pty() -> int:  # pragma: no cover - runs in the init
     return master
 
 
-def _loopback_up() -> None:  # pragma: no cover - runs in the init
+def loopback_up() -> None:  # pragma: no cover - runs in the init
     """The new network namespace has only `lo`, down; bring it up so local services work inside."""
     from pyroute2 import IPRoute
 

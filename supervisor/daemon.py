@@ -15,7 +15,7 @@ import contextlib
 import functools
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import audit, cgroup
@@ -37,11 +37,16 @@ class Daemon:
     def find(self, key: str) -> Session | None:
         return self._sessions.get(key)
 
-    def adopt(self, key: str, init_pid: int, info: ContainerInfo, listener: int = -1) -> Session:
+    def adopt(
+        self, key: str, init_pid: int, info: ContainerInfo, listener: int = -1, *, own_cgroups: bool = False,
+        ready: Callable[[str | None], None] | None = None,
+    ) -> Session:  # fmt: skip
         """The session of the container known as `key`, adopted now if it is new.
 
         `listener` (the daemon's from now on) is the init's seccomp listener, or -1 where a
-        runtime's proxy forwards each notification instead (LXC).
+        runtime's proxy forwards each notification instead (LXC). With `own_cgroups` the init is
+        moved into device cgroups of the daemon's (removed with the session), where no runtime
+        made any. `ready` runs on the loop once the set-up is done, with why it failed or None.
         """
         existing = self._sessions.get(key)
         if existing is not None:
@@ -61,7 +66,7 @@ class Daemon:
         self._pidfds[key] = pidfd
         self.server.watch(pidfd, lambda fd, events: self.forget(key))
         self.server.add(session, on_end=lambda ended: self._ended(key, ended))
-        self.server.submit(session, lambda: self._start(key, session))
+        self.server.submit(session, lambda: self._start(key, session, own_cgroups, ready))
         return session
 
     def forget(self, key: str) -> None:
@@ -92,18 +97,30 @@ class Daemon:
             self._drop_pidfd(key)
         self._sessions.clear()
 
-    def _start(self, key: str, session: Session) -> None:
+    def _start(self, key: str, session: Session, own_cgroups: bool, ready: Callable[[str | None], None] | None) -> None:
         """Set the container up on its worker; one that cannot be is let go with a sentence why."""
         try:
-            session.adopt(cgroup.of_process(session.init_pid))
+            if own_cgroups:
+                session.own_cgroups = cgroup.create(f"{session.name}.{session.init_pid}")
+                for group in session.own_cgroups:
+                    group.add(session.init_pid)
+                groups = list(session.own_cgroups)
+            else:
+                groups = cgroup.of_process(session.init_pid)
+            session.adopt(groups)
         except Exception as exc:
+            why = f"the container could not be adopted: {exc}"
             session.log.error(
                 "container-not-adopted", key=key, error=str(exc),
                 effect="its mount and loop calls fail with ENOSYS, as with no supervisor",
             )  # fmt: skip
             self.server.end_soon(session)
+            if ready is not None:
+                self.server.call_soon(lambda: ready(why))
             return
-        session.log.info("container-adopted", key=key, init_pid=session.init_pid, host_uid=session.owner[0])
+        session.log.info("container-adopted", key=key, init_pid=session.init_pid, host_uid=session.info.host_uid)
+        if ready is not None:
+            self.server.call_soon(lambda: ready(None))
 
     def _ended(self, key: str, session: Session) -> None:
         if self._sessions.get(key) is session:
@@ -121,10 +138,10 @@ class Daemon:
 
 def serve(
     policy_paths: Sequence[str], policy: Policy, log: Any, *, oci_socket: str | None, lxc_socket: str | None,
-    gid: int | None,
+    control_socket: str | None, gid: int | None,
 ) -> int:  # fmt: skip
     """Run the daemon until SIGTERM or SIGINT; SIGHUP reloads the policy. Returns the exit code."""
-    from .sources import lxc, oci
+    from .sources import control, lxc, oci
 
     handled: list[int] = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
     signal.pthread_sigmask(signal.SIG_BLOCK, handled)  # before any worker thread exists: they inherit it
@@ -140,14 +157,17 @@ def serve(
                 daemon.stop()
 
     daemon.server.watch(sigfd, on_signal)
-    sources: list[oci.OciSource | lxc.LxcProxy] = []
+    sources: list[oci.OciSource | lxc.LxcProxy | control.ControlSource] = []
     try:
         if oci_socket:
             sources.append(oci.OciSource(daemon, oci_socket, gid=gid))
         if lxc_socket:
             sources.append(lxc.LxcProxy(daemon, lxc_socket, group=gid).start())
+        if control_socket:
+            sources.append(control.ControlSource(daemon, control_socket, gid=gid))
         log.info(
-            "serve-ready", oci_socket=oci_socket, lxc_socket=lxc_socket, policy=list(policy.files),
+            "serve-ready", oci_socket=oci_socket, lxc_socket=lxc_socket, control_socket=control_socket,
+            policy=list(policy.files),
             rules=len(policy.rules),
         )  # fmt: skip
         daemon.run()

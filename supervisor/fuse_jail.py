@@ -138,6 +138,7 @@ def enter(jail: Jail, ns_pidfd: int, namespaces: int) -> None:  # pragma: no cov
     capability) in the container's user namespace; its children are in the container's pid
     namespace.
     """
+    os.setgroups([])  # before: an ordinary user's namespace denies setgroups
     s.setns(ns_pidfd, s.CLONE_NEWUSER | s.CLONE_NEWPID | namespaces)
     s.unshare(s.CLONE_NEWNS)  # owned by the container's user namespace: every mount is locked
     for cap in prctl.ALL_CAPS:
@@ -145,7 +146,6 @@ def enter(jail: Jail, ns_pidfd: int, namespaces: int) -> None:  # pragma: no cov
             prctl.capbset_drop(cap)
     prctl.set_keepcaps(True)
     prctl.cap_inheritable.sys_admin = True
-    os.setgroups([])
     os.setresgid(jail.ids[1], jail.ids[1], jail.ids[1])
     os.setresuid(jail.ids[0], jail.ids[0], jail.ids[0])
     prctl.cap_effective.limit(prctl.CAP_SYS_ADMIN)

@@ -69,6 +69,7 @@ class HelperProcess:
                 if os.getppid() != supervisor:
                     os._exit(1)
                 name_process(name, f"mountwarden {name}")
+                os.setgroups([])  # root's supplementary groups would open host files to its walks in a container
                 prctl.set_no_new_privs(1)
                 for fd in range(3, os.sysconf("SC_OPEN_MAX")):
                     if fd != child.fileno() and fd not in keep:

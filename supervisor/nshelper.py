@@ -417,7 +417,8 @@ def _as_container_root(
         try:
             ours.close()
             s.setns(userns_fd, s.CLONE_NEWUSER)
-            os.setgroups([])
+            if os.getgroups():  # none since spawn (helperproc); an ordinary user's namespace denies setgroups
+                os.setgroups([])
             os.setresgid(0, 0, 0)
             os.setresuid(0, 0, 0)
             made = action()

@@ -107,6 +107,10 @@ class Server:
         """`end`, from a worker thread: the loop does it next."""
         self._post(lambda: self.end(session))
 
+    def call_soon(self, work: Callable[[], None]) -> None:
+        """Run `work` on the loop's thread next (from a worker)."""
+        self._post(work)
+
     def run(self, until: Callable[[], bool] = lambda: False) -> None:
         """Serve until `until()` is true or `stop` was called, checking after every event."""
         while not self._stopping and not until():

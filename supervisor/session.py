@@ -73,6 +73,7 @@ class Session:
     info: ContainerInfo = field(default_factory=ContainerInfo)  # what policy selectors see
     owner: tuple[int, int] = (0, 0)  # host uid and gid of the container's root
     cgroup_paths: list[str] = field(default_factory=list)
+    own_cgroups: list[DeviceCgroup] = field(default_factory=list)  # made for it by `serve`, removed at close
     daemons: dict[int, FuseDaemon] = field(default_factory=dict)  # mount id -> the FUSE daemon serving it
     fuse_starting: FuseDaemon | None = None  # the daemon whose mount(2) is awaited (handlers/mount.py)
     extra_listeners: list[int] = field(default_factory=list)  # of processes a runtime exec'd into it
@@ -122,7 +123,8 @@ class Session:
         The container may already run: the runtime hands over its listener as it starts it.
         """
         owner = idmap.root_of(self.init_pid)
-        self.info = dataclasses.replace(self.info, host_uid=owner[0])
+        if self.info.host_uid is None:  # else the peer's uid, which policy selects on (sources/control.py)
+            self.info = dataclasses.replace(self.info, host_uid=owner[0])
         self._begin(owner, cgroups)
         limit = self.policy.limits.loop_devices
         names = ["loop-control", *(f"loop{n}" for n in range(limit))]
@@ -258,6 +260,8 @@ class Session:
         pool = self.pool
         self._step("releasing the loop pool", self._close_pool)
         self._step("stopping the namespace helper", self._close_helper)
+        while self.own_cgroups:
+            self._step("removing a device cgroup", self.own_cgroups.pop().remove)
         for fd in (*self._dirs, *self.listeners(), self.pidfd, self.userns_fd, self.landing):
             if fd >= 0:
                 with contextlib.suppress(OSError):

@@ -105,13 +105,15 @@ def config(
 class Serve:
     """`mountwarden serve` on a socket of its own, with its audit log."""
 
-    def __init__(self, tmp: Path, policy: Path, *, lxc: bool = False) -> None:
+    def __init__(self, tmp: Path, policy: Path, *, lxc: bool = False, control: Path | None = None) -> None:
         self.socket = tmp / "oci.sock"
         self.lxc_socket = tmp / "lxc.sock"  # served with `lxc`
+        self.control_socket = control or tmp / "control.sock"
         self.log = tmp / "serve-audit.log"
         cmd = mountwarden(
-            "serve", "--policy", str(policy), "--oci-socket", str(self.socket), "--audit-log", str(self.log)
-        )
+            "serve", "--policy", str(policy), "--oci-socket", str(self.socket), "--audit-log", str(self.log),
+            "--control-socket", str(self.control_socket),
+        )  # fmt: skip
         if lxc:
             cmd += ["--lxc-socket", str(self.lxc_socket)]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
@@ -151,8 +153,8 @@ class Serve:
 
 
 @contextlib.contextmanager
-def serving(tmp: Path, policy: Path, *, lxc: bool = False) -> Iterator[Serve]:
-    serve = Serve(tmp, policy, lxc=lxc)
+def serving(tmp: Path, policy: Path, *, lxc: bool = False, control: Path | None = None) -> Iterator[Serve]:
+    serve = Serve(tmp, policy, lxc=lxc, control=control)
     try:
         yield serve
     finally:
@@ -225,3 +227,8 @@ def exec_in(runtime: str, tmp: Path, name: str, script: str, timeout: float = 60
         runtime_argv(runtime, tmp / f"{runtime}-state", "exec", name, "/bin/sh", "-c", script),
         capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
     )  # fmt: skip
+
+
+def mountwarden_argv() -> list[str]:
+    """The command line of the `mountwarden` under test, for another user to run."""
+    return mountwarden()

@@ -1,0 +1,175 @@
+"""The control socket: ordinary users hand `serve` the containers they start with `mountwarden run`.
+
+An unprivileged `run` (sources/client.py) makes its container in a user namespace of its own,
+loads the filter, and sends `serve` one request, {"op": "adopt", "name", "init_pid"}, with the
+listener. `serve` knows the user only by SO_PEERCRED and believes nothing else it says:
+
+- the init must live in a user namespace whose owner is that uid, and its mount namespace must
+  be owned by that user namespace: the supervisor acts as host root only in a mount namespace
+  the user could have changed anyway, never in the host's or another user's;
+- the fd must be a seccomp listener;
+- the container is known as `user:<uid>:<name>` and policy sees host_uid = the peer's uid, so a
+  user gets only the rules that select that uid and cannot claim another's container.
+
+`serve` puts the init in device cgroups of its own (the user's session may sit in a cgroup that
+allows every device) before answering {"ok": true}; the client starts its command only then,
+so the pool exists before the command runs and the mount table is recorded first. The
+connection stays open for the container's life: its end (the client exits) ends the session.
+The socket is world-reachable (0666) unless a group is named.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import socket
+import stat
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from .. import syscalls as s
+from ..errors import KernelError
+from ..policy import ContainerInfo
+
+if TYPE_CHECKING:
+    from ..daemon import Daemon
+
+DEFAULT_SOCKET: Final = "/run/mountwarden/control.sock"
+NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_MAX_MSG: Final = 4096
+
+
+@dataclass
+class _Peer:
+    sock: socket.socket
+    uid: int
+    key: str = ""
+
+
+class ControlSource:
+    """The control socket at `path`, served on the daemon's loop."""
+
+    def __init__(self, daemon: Daemon, path: str, *, gid: int | None = None) -> None:
+        self.daemon, self.path = daemon, path
+        self.sock = _listen(path, gid)
+        self._peers: dict[int, _Peer] = {}
+        daemon.server.watch(self.sock.fileno(), lambda fd, events: self._accept())
+
+    def close(self) -> None:
+        for peer in list(self._peers.values()):
+            self._drop(peer)
+        self.daemon.server.unwatch(self.sock.fileno())
+        self.sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            conn.setblocking(False)
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            peer = _Peer(conn, int.from_bytes(creds[4:8], "little"))
+            self._peers[conn.fileno()] = peer
+            self.daemon.server.watch(conn.fileno(), lambda fd, events: self._read(fd))
+
+    def _read(self, fd: int) -> None:
+        peer = self._peers[fd]
+        try:
+            msg, fds, _, _ = socket.recv_fds(peer.sock, _MAX_MSG, 1, socket.MSG_CMSG_CLOEXEC)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            msg, fds = b"", []
+        if not msg:  # the client and its container are gone
+            self._drop(peer)
+            return
+        try:
+            if peer.key:
+                raise KernelError(errno.EBUSY, "one container per connection")
+            self._adopt(peer, json.loads(msg), fds)
+        except (KernelError, ValueError, TypeError, KeyError) as exc:
+            for extra in fds:
+                os.close(extra)
+            self.daemon.log.warning("control-request-refused", uid=peer.uid, error=str(exc))
+            self._answer(peer, {"ok": False, "error": str(exc)})
+
+    def _adopt(self, peer: _Peer, request: dict[str, Any], fds: list[int]) -> None:
+        if request.get("op") != "adopt" or len(fds) != 1:
+            raise KernelError(errno.EINVAL, "send {'op': 'adopt', 'name', 'init_pid'} with the listener")
+        name, init_pid = str(request["name"]), int(request["init_pid"])
+        if not NAME.fullmatch(name):
+            raise KernelError(errno.EINVAL, f"the name {name!r} is not up to 63 letters, digits, '.', '_' or '-'")
+        if os.readlink(f"/proc/self/fd/{fds[0]}") != "anon_inode:seccomp notify":
+            raise KernelError(errno.EINVAL, "the fd sent is not a seccomp listener")
+        check_owned(init_pid, peer.uid)
+        key = f"user:{peer.uid}:{name}"
+        if self.daemon.find(key) is not None:
+            raise KernelError(errno.EEXIST, f"you already run a container named {name!r}")
+        peer.key = key
+        info = ContainerInfo(name=name, host_uid=peer.uid)
+        self.daemon.adopt(key, init_pid, info, fds[0], own_cgroups=True, ready=lambda error: self._ready(peer, error))
+
+    def _ready(self, peer: _Peer, error: str | None) -> None:
+        self._answer(peer, {"ok": error is None, **({"error": error} if error else {})})
+
+    def _answer(self, peer: _Peer, reply: dict[str, Any]) -> None:
+        with contextlib.suppress(OSError):
+            peer.sock.send(json.dumps(reply).encode())
+
+    def _drop(self, peer: _Peer) -> None:
+        self._peers.pop(peer.sock.fileno(), None)
+        self.daemon.server.unwatch(peer.sock.fileno())
+        if peer.key:
+            self.daemon.forget(peer.key)
+        peer.sock.close()
+
+
+def check_owned(pid: int, uid: int) -> None:
+    """KernelError unless process `pid` lives in a user namespace `uid` owns (not the host's) and
+    its mount namespace belongs to that user namespace: all the supervisor may act in for `uid`."""
+    try:
+        userns = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        raise KernelError(errno.ESRCH, f"no process {pid}") from None
+    try:
+        mine = os.stat("/proc/self/ns/user")
+        theirs = os.fstat(userns)
+        if (theirs.st_dev, theirs.st_ino) == (mine.st_dev, mine.st_ino):
+            raise KernelError(errno.EPERM, f"process {pid} is not in a user namespace of its own")
+        if s.ns_get_owner_uid(userns) != uid:
+            raise KernelError(errno.EPERM, f"process {pid} is not in a user namespace you own")
+        mntns = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            owner = s.ns_get_userns(mntns)
+        finally:
+            os.close(mntns)
+        try:
+            owning = os.fstat(owner)
+        finally:
+            os.close(owner)
+        if (owning.st_dev, owning.st_ino) != (theirs.st_dev, theirs.st_ino):
+            raise KernelError(errno.EPERM, f"the mount namespace of process {pid} is not its user namespace's")
+    finally:
+        os.close(userns)
+
+
+def _listen(path: str, gid: int | None) -> socket.socket:
+    """A SOCK_SEQPACKET socket at `path`: 0666, or 0660 for group `gid` (bind leaves it 0755 less
+    the umask, which is the stricter side until the chmod)."""
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    sock.bind(path)
+    if gid is not None:
+        os.chown(path, 0, gid)
+    os.chmod(path, 0o666 if gid is None else 0o660)
+    sock.listen(64)
+    return sock

@@ -1,0 +1,84 @@
+"""`mountwarden run` by an ordinary host user, served by a running `mountwarden serve` (issue 11).
+
+The user is a real unprivileged account; the container is its own user namespace mapping 0 to
+the user alone; the policy selects rules by the user's host uid.
+"""
+
+from __future__ import annotations
+
+import pwd
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import oci
+import pytest
+from conftest import write_policy
+
+USER = "mountwarden-user"
+
+
+@pytest.fixture(scope="session")
+def ordinary_user() -> pwd.struct_passwd:
+    """An ordinary account (made once on this machine if it is missing)."""
+    try:
+        return pwd.getpwnam(USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/bin/sh", USER], check=True)
+        return pwd.getpwnam(USER)
+
+
+@pytest.fixture
+def place(workdir: Path, tmp_path: Path, images: dict[str, Path]) -> Iterator[Path]:
+    """A directory every user may walk: the images, the control socket."""
+    where = workdir / f"user-{tmp_path.name}"
+    where.mkdir(mode=0o755)
+    for kind in ("ext4", "squashfs"):
+        shutil.copy(images[kind], where / f"data.{kind}")
+        (where / f"data.{kind}").chmod(0o644)
+    yield where
+    shutil.rmtree(where, ignore_errors=True)
+
+
+def _as_user(user: pwd.struct_passwd, *argv: str) -> subprocess.CompletedProcess[str]:
+    inner = " ".join(f"'{a}'" for a in argv)
+    cmd = ["su", "-s", "/bin/sh", user.pw_name, "-c", f"cd / && {inner}"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+def test_an_ordinary_user_mounts_an_image_under_the_rules_for_its_uid(
+    ordinary_user: pwd.struct_passwd, place: Path, tmp_path: Path
+) -> None:
+    uid = ordinary_user.pw_uid
+    rules = [
+        {"name": "this-user-ext4", "containers": {"host_uid": [uid]},
+         "match": {"source": f"{place}/*.ext4", "target": "/**"}, "action": "kernel"},
+        {"name": "another-user-squashfs", "containers": {"host_uid": [uid + 1]},
+         "match": {"source": f"{place}/*.squashfs", "target": "/**"}, "action": "kernel"},
+    ]  # fmt: skip
+    policy = write_policy(tmp_path / "users.yaml", rules)
+    script = (
+        f"id -u; mount -o loop,ro {place}/data.ext4 /mnt && cat /mnt/pub.txt; losetup -a | wc -l; umount /mnt "
+        f"&& echo unmounted; mount -o loop,ro {place}/data.squashfs /mnt 2>/dev/null || echo refused"
+    )
+    with oci.serving(tmp_path, policy, control=place / "control.sock") as serve:
+        run = _as_user(
+            ordinary_user, *oci.mountwarden_argv(), "run", "--name", "mine", "--control-socket",
+            str(place / "control.sock"), "--", "/bin/sh", "-c", script,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.split() == ["0", "public", "1", "unmounted", "refused"], run.stdout + run.stderr
+        mounts = [r for r in serve.records() if r.get("syscall") == "mount" and r.get("fstype") != "proc"]
+        assert [(m.get("rule"), m["result"]) for m in mounts] == [("this-user-ext4", "OK"), (None, "EPERM")], mounts
+        adopted = serve.wait_for("container-adopted")
+        assert adopted[-1]["key"] == f"user:{uid}:mine" and adopted[-1]["host_uid"] == uid, adopted
+        serve.wait_for("container-released")
+
+
+def test_run_as_an_ordinary_user_says_what_it_needs(ordinary_user: pwd.struct_passwd, place: Path) -> None:
+    missing = _as_user(ordinary_user, *oci.mountwarden_argv(), "run", "--control-socket", str(place / "none.sock"),
+                       "--", "/bin/true")  # fmt: skip
+    assert missing.returncode == 126 and "needs a running `mountwarden serve`" in missing.stderr, missing.stderr
+    policy = _as_user(ordinary_user, *oci.mountwarden_argv(), "run", "--policy", "/etc/x.yaml", "--", "/bin/true")
+    assert policy.returncode == 2 and "--policy need root" in policy.stderr, policy.stderr
