@@ -188,6 +188,8 @@ def of_process(pid: int) -> list[DeviceCgroup]:
         for line in f:
             _, controllers, path = line.rstrip("\n").split(":", 2)
             if "devices" in controllers.split(","):
+                if path == "/":
+                    return []  # the root cgroup allows every device and cannot be changed
                 group = os.path.realpath(os.path.join(V1_ROOT, path.lstrip("/")))
                 if os.path.commonpath([group, V1_ROOT]) == V1_ROOT and os.path.isfile(
                     os.path.join(group, "devices.allow")

@@ -94,6 +94,11 @@ def _parser() -> argparse.ArgumentParser:
         help="where ordinary users' `mountwarden run` hands over its containers (default "
         f"{control.DEFAULT_SOCKET}, reachable by every user; '' for none)",
     )  # fmt: skip
+    serve.add_argument(
+        "--oci-users", action="store_true",
+        help="let ordinary users' runtimes (rootless podman) use the OCI socket too, each for the containers it "
+        "owns, under the rules for its uid",
+    )  # fmt: skip
     serve.add_argument("--socket-group", metavar="GROUP", help="let GROUP reach the sockets too (default: root only)")
     serve.add_argument("--audit-log", metavar="FILE", help="append audit records to FILE (default: stderr)")
     serve.add_argument("-v", "--verbose", action="store_true", help="also log mount data (may hold credentials)")
@@ -260,6 +265,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             lxc_socket=args.lxc_socket,
             control_socket=args.control_socket,
             gid=gid,
+            oci_users=args.oci_users,
         )
 
 

@@ -138,7 +138,7 @@ class Daemon:
 
 def serve(
     policy_paths: Sequence[str], policy: Policy, log: Any, *, oci_socket: str | None, lxc_socket: str | None,
-    control_socket: str | None, gid: int | None,
+    control_socket: str | None, gid: int | None, oci_users: bool = False,
 ) -> int:  # fmt: skip
     """Run the daemon until SIGTERM or SIGINT; SIGHUP reloads the policy. Returns the exit code."""
     from .sources import control, lxc, oci
@@ -160,7 +160,7 @@ def serve(
     sources: list[oci.OciSource | lxc.LxcProxy | control.ControlSource] = []
     try:
         if oci_socket:
-            sources.append(oci.OciSource(daemon, oci_socket, gid=gid))
+            sources.append(oci.OciSource(daemon, oci_socket, gid=gid, users=oci_users))
         if lxc_socket:
             sources.append(lxc.LxcProxy(daemon, lxc_socket, group=gid).start())
         if control_socket:

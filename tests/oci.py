@@ -39,8 +39,8 @@ BUSYBOX_TOOLS = (
 )
 
 
-def rootfs(path: Path, mountcall: Path) -> Path:
-    """A busybox root owned by the container's root (host uid 100000)."""
+def rootfs(path: Path, mountcall: Path, *, owner: str = "100000:100000") -> Path:
+    """A busybox root owned by the container's root (host uid 100000 unless `owner`)."""
     for d in ("bin", "proc", "dev", "sys", "tmp", "mnt", "img", "etc", "out"):
         (path / d).mkdir(parents=True, exist_ok=True)
     shutil.copy("/bin/busybox", path / "bin" / "busybox")
@@ -48,15 +48,21 @@ def rootfs(path: Path, mountcall: Path) -> Path:
         with contextlib.suppress(FileExistsError):
             (path / "bin" / tool).symlink_to("busybox")
     shutil.copy(mountcall, path / "bin" / "mountcall")
-    subprocess.run(["chown", "-R", "100000:100000", str(path)], check=True)
+    subprocess.run(["chown", "-R", owner, str(path)], check=True)
     return path
 
 
 def config(
-    root: Path, args: list[str], seccomp: dict[str, Any], images: Path, *, rw_images: bool = False
-) -> dict[str, Any]:
-    """A minimal OCI config: user namespace (0 -> 100000 x 65536), no network, the images bound at /img."""
-    ids = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+    root: Path, args: list[str], seccomp: dict[str, Any], images: Path, *, rw_images: bool = False,
+    ids: tuple[int, int] | None = None, rootless: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """A minimal OCI config: user namespace (0 -> 100000 x 65536, or 0 -> `ids` alone), no network,
+    the images bound at /img. `rootless`: for a runtime an ordinary user runs."""
+    uids = [{"containerID": 0, "hostID": ids[0] if ids else 100000, "size": 1 if ids else 65536}]
+    gids = [{"containerID": 0, "hostID": ids[1] if ids else 100000, "size": 1 if ids else 65536}]
+    sys_mount = {"destination": "/sys", "type": "none", "source": "/sys", "options": ["rbind", "nosuid", "noexec",
+                 "nodev", "ro"]} if rootless else {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+                 "options": ["nosuid", "noexec", "nodev", "ro"]}  # fmt: skip
     return {
         "ociVersion": "1.0.2",
         "process": {
@@ -84,7 +90,7 @@ def config(
                 "source": "devpts",
                 "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"],
             },
-            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+            sys_mount,
             {
                 "destination": "/img",
                 "type": "bind",
@@ -93,8 +99,8 @@ def config(
             },
         ],  # fmt: skip
         "linux": {
-            "uidMappings": ids,
-            "gidMappings": ids,
+            "uidMappings": uids,
+            "gidMappings": gids,
             "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "network", "user")],
             "seccomp": seccomp,
             "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list"],
@@ -105,14 +111,17 @@ def config(
 class Serve:
     """`mountwarden serve` on a socket of its own, with its audit log."""
 
-    def __init__(self, tmp: Path, policy: Path, *, lxc: bool = False, control: Path | None = None) -> None:
-        self.socket = tmp / "oci.sock"
+    def __init__(
+        self, tmp: Path, policy: Path, *, lxc: bool = False, control: Path | None = None,
+        oci_socket: Path | None = None, extra: list[str] | None = None,
+    ) -> None:  # fmt: skip
+        self.socket = oci_socket or tmp / "oci.sock"
         self.lxc_socket = tmp / "lxc.sock"  # served with `lxc`
         self.control_socket = control or tmp / "control.sock"
         self.log = tmp / "serve-audit.log"
         cmd = mountwarden(
             "serve", "--policy", str(policy), "--oci-socket", str(self.socket), "--audit-log", str(self.log),
-            "--control-socket", str(self.control_socket),
+            "--control-socket", str(self.control_socket), *(extra or []),
         )  # fmt: skip
         if lxc:
             cmd += ["--lxc-socket", str(self.lxc_socket)]
@@ -153,8 +162,11 @@ class Serve:
 
 
 @contextlib.contextmanager
-def serving(tmp: Path, policy: Path, *, lxc: bool = False, control: Path | None = None) -> Iterator[Serve]:
-    serve = Serve(tmp, policy, lxc=lxc, control=control)
+def serving(
+    tmp: Path, policy: Path, *, lxc: bool = False, control: Path | None = None, oci_socket: Path | None = None,
+    extra: list[str] | None = None,
+) -> Iterator[Serve]:  # fmt: skip
+    serve = Serve(tmp, policy, lxc=lxc, control=control, oci_socket=oci_socket, extra=extra)
     try:
         yield serve
     finally:

@@ -6,6 +6,8 @@ the user alone; the policy selects rules by the user's host uid.
 
 from __future__ import annotations
 
+import json
+import os
 import pwd
 import shutil
 import subprocess
@@ -15,6 +17,9 @@ from pathlib import Path
 import oci
 import pytest
 from conftest import write_policy
+from test_oci import WAIT_FOR_POOL
+
+from supervisor.sources import oci as oci_source
 
 USER = "mountwarden-user"
 
@@ -82,3 +87,33 @@ def test_run_as_an_ordinary_user_says_what_it_needs(ordinary_user: pwd.struct_pa
     assert missing.returncode == 126 and "needs a running `mountwarden serve`" in missing.stderr, missing.stderr
     policy = _as_user(ordinary_user, *oci.mountwarden_argv(), "run", "--policy", "/etc/x.yaml", "--", "/bin/true")
     assert policy.returncode == 2 and "--policy need root" in policy.stderr, policy.stderr
+
+
+def test_an_ordinary_users_rootless_runc_container_is_served_for_that_user(
+    ordinary_user: pwd.struct_passwd, place: Path, tmp_path: Path, mountcall: Path
+) -> None:
+    """The runtime runs as the user and connects to the OCI socket opened to users (--oci-users):
+    serve takes only a container in a user namespace that user owns, under the rules for its uid."""
+    uid, gid = ordinary_user.pw_uid, ordinary_user.pw_gid
+    rules = [{"name": "this-user-ext4", "containers": {"host_uid": [uid]},
+              "match": {"source": "/img/*.ext4", "target": "/**"}, "action": "kernel"}]  # fmt: skip
+    policy = write_policy(tmp_path / "users.yaml", rules)
+    root = oci.rootfs(place / "rootfs", mountcall, owner=f"{uid}:{gid}")
+    script = f"{WAIT_FOR_POOL}; mount -o loop,ro /img/data.ext4 /mnt && cat /mnt/pub.txt; umount /mnt && echo unmounted"
+    with oci.serving(tmp_path, policy, control=place / "control.sock", oci_socket=place / "oci.sock",
+                     extra=["--oci-users"]) as serve:  # fmt: skip
+        profile = oci_source.profile(None, str(place / "oci.sock"), runtime="runc")
+        cfg = oci.config(root, ["/bin/sh", "-c", script], profile, place, ids=(uid, gid), rootless=True)
+        bundle = place / "bundle"
+        bundle.mkdir()
+        (bundle / "config.json").write_text(json.dumps(cfg))
+        subprocess.run(["chown", "-R", f"{uid}:{gid}", str(bundle)], check=True)
+        state = place / "state"
+        state.mkdir()
+        os.chown(state, uid, gid)
+        run = _as_user(ordinary_user, "runc", "--root", str(state), "run", "--bundle", str(bundle), "mine")
+        _as_user(ordinary_user, "runc", "--root", str(state), "delete", "--force", "mine")
+        assert run.returncode == 0 and run.stdout.split() == ["public", "unmounted"], run.stdout + run.stderr
+        adopted = serve.wait_for("container-adopted")
+        assert adopted[-1]["key"] == f"oci:{uid}:mine" and adopted[-1]["host_uid"] == uid, adopted
+        serve.wait_for("container-released")

@@ -26,8 +26,10 @@ import stat
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
+from ..errors import KernelError
 from ..policy import ContainerInfo
 from ..seccomp import filter as seccomp_filter
+from . import control
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
@@ -112,6 +114,7 @@ def complete(buffer: bytes) -> bytes | None:
 @dataclass
 class _Pending:
     sock: socket.socket
+    uid: int  # SO_PEERCRED: the runtime's user
     data: bytes = b""
     fds: list[int] = field(default_factory=list)
 
@@ -126,9 +129,11 @@ class _Pending:
 class OciSource:
     """The listening socket at `path`, and the connections on it, served on the daemon's loop."""
 
-    def __init__(self, daemon: Daemon, path: str, *, gid: int | None = None, uids: frozenset[int] = frozenset({0})):
-        self.daemon, self.path, self.uids = daemon, path, uids
-        self.sock = _listen(path, gid)
+    def __init__(self, daemon: Daemon, path: str, *, gid: int | None = None, users: bool = False) -> None:
+        """`users`: ordinary users' runtimes (rootless podman) may connect too, each for its own
+        containers only (see `_announce`); else only root's."""
+        self.daemon, self.path, self.users = daemon, path, users
+        self.sock = _listen(path, 0o666 if users else 0o600 if gid is None else 0o660, gid)
         self._pending: dict[int, _Pending] = {}
         daemon.server.watch(self.sock.fileno(), lambda fd, events: self._accept())
 
@@ -148,15 +153,15 @@ class OciSource:
                 return
             conn.setblocking(False)
             uid = _peer_uid(conn)
-            if uid not in self.uids:
-                self.daemon.log.warning("oci-peer-refused", uid=uid, reason="only a container runtime may connect")
+            if uid != 0 and not self.users:
+                self.daemon.log.warning("oci-peer-refused", uid=uid, reason="only root's runtimes may connect")
                 conn.close()
                 continue
             if len(self._pending) >= MAX_PENDING:
                 oldest = next(iter(self._pending.values()))
                 self.daemon.log.warning("oci-connection-dropped", reason="too many connections without a document")
                 self._drop(oldest)
-            pending = _Pending(conn)
+            pending = _Pending(conn, uid)
             self._pending[conn.fileno()] = pending
             self.daemon.server.watch(conn.fileno(), lambda fd, events: self._read(fd))
 
@@ -186,8 +191,8 @@ class OciSource:
             if document is None:
                 raise BadState("the connection ended before a complete document" if not data else "document too large")
             self._announce(parse_state(document), pending)
-        except BadState as exc:
-            self.daemon.log.warning("oci-state-refused", error=str(exc), bytes=len(pending.data))
+        except (BadState, KernelError) as exc:
+            self.daemon.log.warning("oci-state-refused", error=str(exc), bytes=len(pending.data), uid=pending.uid)
         except Exception as exc:
             self.daemon.log.error("oci-container-not-served", error=str(exc))
         self._drop(pending)
@@ -199,13 +204,21 @@ class OciSource:
         try:
             if os.readlink(f"/proc/self/fd/{listener}") != "anon_inode:seccomp notify":
                 raise BadState(f"{SECCOMP_FD_NAME} is not a seccomp listener")
-            key = f"oci:{state.container_id}"
-            if self.daemon.find(key) is None and state.init_pid <= 0:
-                raise BadState(f"container {state.container_id!r} is not known and its state names no init pid")
+            # An ordinary user's runtime names containers in its own space, and only ones it owns.
+            user = pending.uid
+            key = f"oci:{state.container_id}" if user == 0 else f"oci:{user}:{state.container_id}"
+            if self.daemon.find(key) is None:
+                if state.init_pid <= 0:
+                    raise BadState(f"container {state.container_id!r} is not known and its state names no init pid")
+                if user != 0:
+                    control.check_owned(state.init_pid, user)
         except BaseException:
             os.close(listener)
             raise
-        info = ContainerInfo(name=state.container_id, oci_id=state.container_id, oci_annotations=state.annotations)
+        info = ContainerInfo(
+            name=state.container_id, oci_id=state.container_id, oci_annotations=state.annotations,
+            host_uid=None if user == 0 else user,
+        )  # fmt: skip
         self.daemon.adopt(key, state.init_pid, info, listener)
         self.daemon.log.info("oci-listener", key=key, status=state.status, pid=state.pid, init_pid=state.init_pid)
 
@@ -215,20 +228,18 @@ class OciSource:
         pending.close()
 
 
-def _listen(path: str, gid: int | None) -> socket.socket:
-    """A SOCK_STREAM socket at `path`, 0600 (0660 with `gid`) from the moment it exists."""
+def _listen(path: str, mode: int, gid: int | None) -> socket.socket:
+    """A SOCK_STREAM socket at `path` with `mode` (bind leaves it 0755 less the umask, the stricter
+    side for connecting, which needs write permission, until the chmod)."""
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISSOCK(os.lstat(path).st_mode):
             os.unlink(path)  # a stale socket of an earlier daemon
     os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-    old = os.umask(0o177 if gid is None else 0o117)
-    try:
-        sock.bind(path)
-    finally:
-        os.umask(old)
+    sock.bind(path)
     if gid is not None:
         os.chown(path, 0, gid)
+    os.chmod(path, mode)
     sock.listen(64)
     return sock
 
