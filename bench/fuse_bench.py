@@ -50,7 +50,7 @@ def measure(image: Path, target: Path, action: str, rounds: int, work: Path) -> 
     policy = work / f"{action}.yaml"
     policy.write_text(f"version: 1\nrules:\n  - name: bench\n    match: {{source: '{image}'}}\n    action: {action}\n")
     out = subprocess.run(
-        [sys.executable, "-m", "supervisor", "run", "--policy", str(policy), "--audit-log", os.devnull, "--",
+        [sys.executable, "-m", "mountwarden", "run", "--policy", str(policy), "--audit-log", os.devnull, "--",
          "/usr/bin/python3", "-c", CONTAINER_SIDE, str(image), str(target), str(rounds)],
         cwd=REPO, capture_output=True, text=True, check=True,
     )  # fmt: skip

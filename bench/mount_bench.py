@@ -67,7 +67,7 @@ def supervised(image: Path, target: Path, n: int, policy: Path) -> list[int]:
         [
             sys.executable,
             "-m",
-            "supervisor",
+            "mountwarden",
             "run",
             "--policy",
             str(policy),

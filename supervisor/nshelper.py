@@ -91,6 +91,7 @@ class Guard:
     """
 
     op: ClassVar[str] = "guard"
+    supervisor: int  # its pid: a parent other than this one means it is gone already
 
 
 @dataclass(frozen=True)
@@ -254,7 +255,7 @@ class NsHelper:
 
     def guard(self, nodes_fd: int, cgroup_dirs: list[int]) -> None:
         """See Guard."""
-        self.call(Guard(), (nodes_fd, *cgroup_dirs))
+        self.call(Guard(os.getpid()), (nodes_fd, *cgroup_dirs))
 
     def clone_views(self, root_fd: int, paths: list[str]) -> dict[str, int]:
         """Private detached copies of the container's mounts at `paths`; absent ones are left out."""
@@ -317,7 +318,7 @@ def _guard(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  # p
     helperproc.AT_END.append(_take_back)
     signal.signal(signal.SIGTERM, _orphaned)
     prctl.set_pdeathsig(signal.SIGTERM)
-    if os.getppid() == 1:  # the supervisor died before the death signal was asked for
+    if os.getppid() != int(req["supervisor"]):  # it died before the death signal was asked for
         _orphaned(signal.SIGTERM, None)
     return {}, []
 
@@ -333,11 +334,14 @@ def _take_back() -> None:  # pragma: no cover - in the helper
     for group in groups:
         with contextlib.suppress(OSError):
             with open(os.open("devices.list", os.O_RDONLY | os.O_CLOEXEC, dir_fd=group)) as f:
-                granted = [line.split()[:2] for line in f if line.startswith(("b 7:", "c 10:229 "))]
-            for kind, numbers in granted:
+                granted = [" ".join(line.split()[:2]) for line in f if line.startswith(("b 7:", "c 10:229 "))]
+            # Each grant the cgroup lists (an allow list removes only exact entries), and the
+            # whole of both, for a cgroup that allows every device by default.
+            for rule in (*granted, "b 7:*", "c 10:229"):
                 deny = os.open("devices.deny", os.O_WRONLY | os.O_CLOEXEC, dir_fd=group)
                 try:
-                    os.write(deny, f"{kind} {numbers} rwm".encode())
+                    with contextlib.suppress(OSError):
+                        os.write(deny, f"{rule} rwm".encode())
                 finally:
                     os.close(deny)
     _remove_all(nodes)

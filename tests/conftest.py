@@ -223,7 +223,7 @@ def allow_policy(tmp_path: Path, source: str = "/**", target: str = "/**", optio
 
 
 def mountwarden(*args: str) -> list[str]:
-    return [sys.executable, "-m", "supervisor", *args]
+    return [sys.executable, "-m", "mountwarden", *args]
 
 
 def run_container(

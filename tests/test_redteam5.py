@@ -3,8 +3,8 @@ take-back, notified binds and moves), attacked with real containers.
 
 The attacker is the root of the container (root of its user namespace, CAP_SYS_ADMIN there)
 under the filter `run` loads (the one every FUSE daemon loads too) or under the profile
-`mountwarden profile oci` prints. Each hole is kept as a test that fails until it is fixed
-(xfail, strict), its docstring saying what is wrong; attacks that failed stay as guards.
+`mountwarden profile oci` prints. Each hole found is kept as the test that now fails closed,
+its docstring saying what was wrong; attacks that failed stay as guards.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import oci
-import pytest
 from conftest import allow_policy
 from test_locked_flags import Live
 
@@ -23,10 +22,6 @@ from supervisor.sources import oci as oci_source
 MS_MGC_VAL = 0xC0ED0000
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hole: flags 0xC0ED0000 look like a propagation change to the filter, the kernel makes a new superblock",
-)
 def test_a_new_superblock_under_the_magic_number_is_seen(tmp_path: Path, mountcall: Path, mnt: Path) -> None:
     """Hole: the filter notifies mount(2) only when no bind, move or propagation bit is set
     (seccomp/filter.py NO_NEW_SB). 0xC0ED0000 has MS_PRIVATE and MS_SLAVE set, so the call
@@ -34,7 +29,10 @@ def test_a_new_superblock_under_the_magic_number_is_seen(tmp_path: Path, mountca
     superblock (do_new_mount): the supervisor never sees it. Here a tmpfs; the same filter is
     the jailed FUSE daemon's, whose mount(2) with these flags is therefore never served by
     `daemon_mount`: a daemon the container drives (ptrace) attaches its FUSE mount in its
-    jail with the flags it likes, which f2e5f66 set out to prevent."""
+    jail with the flags it likes, which f2e5f66 set out to prevent.
+
+    Fixed: the filter notifies any mount(2) carrying the magic number, and the handler drops it
+    as the kernel does before it looks at the flags."""
     live = Live(tmp_path, "rt5-magic")
     try:
         assert live.ask(f"{mountcall} mount none {mnt} tmpfs {MS_MGC_VAL:#x}") == "OK"

@@ -56,10 +56,12 @@ def handle(call: Call) -> Response:
     data = t.read_optional(args[4], _DATA_MAX, what="mount data")
     t.check()  # everything below acts on these copies only
     flags = args[3]
+    if flags & s.MS_MGC_MSK == s.MS_MGC_VAL:  # the old magic number: the kernel drops bits 16-31
+        flags &= ~s.MS_MGC_MSK
     call.audit.update(source=source, target=target, fstype=fstype, flags=f"{flags:#x}")
     call.audit["secret"] = {"data": data}  # mount data can carry credentials: trace level only
     if call.caller == "fuse-daemon":
-        return actions_fuse.daemon_mount(call, fstype, args[3], data)
+        return actions_fuse.daemon_mount(call, fstype, flags, data)
     if not flags & s.MS_REMOUNT and flags & seccomp_filter.NO_NEW_SB:
         # A bind, move or propagation change (a runtime's profile notifies them, see
         # seccomp/filter.py): it copies flags unchanged and makes no superblock.

@@ -4,7 +4,8 @@ What it does, per ABI (x86-64, and the i386 and x32 ABIs explicitly, so `int 0x8
 around it):
 
 * ``mount(2)`` notifies when the call can create a superblock (no bind, move or propagation
-  flag) and for every ``MS_REMOUNT``. Remounts may not run natively: the kernel does not lock
+  flag, or the old magic number ``0xC0ED`` in bits 16-31, which the kernel drops with whatever
+  flags it seemed to hold) and for every ``MS_REMOUNT``. Remounts may not run natively: the kernel does not lock
   the flags of a mount made after the namespace, so a bare ``MS_REMOUNT|MS_BIND`` from the
   container would strip the ``nosuid,nodev`` the supervisor forced. Binds, moves and
   propagation changes copy flags unchanged and stay native at full speed.
@@ -117,6 +118,9 @@ def build() -> sc.SyscallFilter:
         f.add_arch(arch)
     f.add_rule(sc.NOTIFY, "mount", sc.Arg(3, sc.MASKED_EQ, sys_.MS_REMOUNT, sys_.MS_REMOUNT))
     f.add_rule(sc.NOTIFY, "mount", sc.Arg(3, sc.MASKED_EQ, NO_NEW_SB, 0))
+    # The old magic number in bits 16-31 is dropped by the kernel (MS_MGC_VAL), taking with it
+    # the propagation bits it seems to hold: such a call may make a superblock.
+    f.add_rule(sc.NOTIFY, "mount", sc.Arg(3, sc.MASKED_EQ, sys_.MS_MGC_MSK, sys_.MS_MGC_VAL))
     f.add_rule(sc.NOTIFY, "umount2")
     f.add_rule(sc.NOTIFY, "umount")
     for mask, value in LOOP_IOCTL_MASKS:
