@@ -59,6 +59,14 @@ def reserve(path: str, owner: str = OWNER) -> IdRange:
         return IdRange(start, DEFAULT_COUNT)
 
 
+def subordinate(path: str, name: str, number: int) -> IdRange | None:
+    """The first range `path` (/etc/subuid or /etc/subgid) gives the user `name` (or its number)."""
+    for owner, start, count in _entries(path):
+        if owner in (name, str(number)) and count > 0:
+            return IdRange(start, count)
+    return None
+
+
 def root_of(pid: int) -> tuple[int, int]:
     """The host uid and gid of root in the user namespace of process `pid` (0, 0 if it is the host's)."""
     return _host_id(f"/proc/{pid}/uid_map"), _host_id(f"/proc/{pid}/gid_map")

@@ -117,3 +117,42 @@ def test_an_ordinary_users_rootless_runc_container_is_served_for_that_user(
         adopted = serve.wait_for("container-adopted")
         assert adopted[-1]["key"] == f"oci:{uid}:mine" and adopted[-1]["host_uid"] == uid, adopted
         serve.wait_for("container-released")
+
+
+SUBID_USER = "mountwarden-subids"
+
+
+@pytest.fixture(scope="session")
+def subid_user() -> pwd.struct_passwd:
+    """An ordinary account with subordinate ids (made once on this machine if it is missing)."""
+    try:
+        pwd.getpwnam(SUBID_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/bin/sh", SUBID_USER], check=True)
+    for path, flag in (("/etc/subuid", "--add-subuids"), ("/etc/subgid", "--add-subgids")):
+        if not any(line.startswith(f"{SUBID_USER}:") for line in Path(path).read_text().splitlines()):
+            subprocess.run(["usermod", flag, "400000-465535", SUBID_USER], check=True)
+    return pwd.getpwnam(SUBID_USER)
+
+
+@pytest.mark.skipif(shutil.which("newuidmap") is None, reason="uidmap (newuidmap) is not installed")
+def test_a_user_with_subordinate_ids_gets_them_in_its_container(
+    subid_user: pwd.struct_passwd, place: Path, tmp_path: Path
+) -> None:
+    uid = subid_user.pw_uid
+    rules = [{"name": "this-user-ext4", "containers": {"host_uid": [uid]},
+              "match": {"source": f"{place}/*.ext4", "target": "/**"}, "action": "kernel"}]  # fmt: skip
+    policy = write_policy(tmp_path / "users.yaml", rules)
+    script = (
+        "cat /proc/self/uid_map | wc -l; setpriv --reuid=65534 --regid=65534 --clear-groups id -u; "
+        f"mount -o loop,ro {place}/data.ext4 /mnt && cat /mnt/pub.txt; umount /mnt && echo unmounted"
+    )
+    with oci.serving(tmp_path, policy, control=place / "control.sock") as serve:
+        run = _as_user(
+            subid_user, *oci.mountwarden_argv(), "run", "--name", "subids", "--control-socket",
+            str(place / "control.sock"), "--", "/bin/sh", "-c", script,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        lines = run.stdout.split()
+        assert lines == ["2", "65534", "public", "unmounted"], run.stdout + run.stderr
+        assert serve.wait_for("container-adopted")[-1]["host_uid"] == uid

@@ -1,7 +1,8 @@
 """`mountwarden run` by an ordinary user: a container of the user's own, served by `serve`.
 
 No root anywhere on this side. The container's root is the user (its user namespace maps 0 to
-the user's uid and gid, nothing else), its tree is a copy of the host's with a /dev of its own
+the user's uid and gid; ids from 1 up to the user's subordinate ids where it has them and the
+system has newuidmap), its tree is a copy of the host's with a /dev of its own
 (a tmpfs with binds of the usual character devices, its own devpts), its own /proc, and its own
 pid, uts, ipc and network namespaces. The init loads mountwarden's filter and the listener goes
 to `serve` over its control socket (sources/control.py), which adopts the container like a
@@ -16,13 +17,16 @@ import contextlib
 import errno
 import json
 import os
+import pwd
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 from dataclasses import dataclass
 from typing import NoReturn
 
-from .. import container
+from .. import container, idmap
 from .. import syscalls as s
 from ..container import FORWARDED
 from ..errors import KernelError
@@ -95,6 +99,18 @@ def start(opts: Options) -> int:
 
 
 def _write_maps(pid: int, uid: int, gid: int) -> None:
+    """Root is the user; with subordinate ids (and the setuid newuidmap/newgidmap that check them),
+    ids 1.. are the user's subordinate ones, as rootless runtimes map them."""
+    name = pwd.getpwuid(uid).pw_name
+    subuids, subgids = idmap.subordinate("/etc/subuid", name, uid), idmap.subordinate("/etc/subgid", name, uid)
+    tools = shutil.which("newuidmap"), shutil.which("newgidmap")
+    if subuids and subgids and all(tools):
+        for tool, own, sub in ((tools[0], uid, subuids), (tools[1], gid, subgids)):
+            done = subprocess.run([str(tool), str(pid), "0", str(own), "1", "1", str(sub.start), str(sub.count)],
+                                  capture_output=True, text=True)  # fmt: skip
+            if done.returncode != 0:
+                raise KernelError(errno.EPERM, f"{tool} refused the subordinate ids: {done.stderr.strip()}")
+        return
     with open(f"/proc/{pid}/uid_map", "w") as f:
         f.write(f"0 {uid} 1\n")
     with open(f"/proc/{pid}/setgroups", "w") as f:
