@@ -39,7 +39,7 @@ class Daemon:
 
     def adopt(
         self, key: str, init_pid: int, info: ContainerInfo, listener: int = -1, *, own_cgroups: bool = False,
-        ready: Callable[[str | None], None] | None = None,
+        ready: Callable[[str | None], None] | None = None, pidfd: int = -1,
     ) -> Session:  # fmt: skip
         """The session of the container known as `key`, adopted now if it is new.
 
@@ -47,14 +47,17 @@ class Daemon:
         runtime's proxy forwards each notification instead (LXC). With `own_cgroups` the init is
         moved into device cgroups of the daemon's (removed with the session), where no runtime
         made any. `ready` runs on the loop once the set-up is done, with why it failed or None.
+        `pidfd` (the daemon's from now on) pins the init where a source checked it already.
         """
         existing = self._sessions.get(key)
         if existing is not None:
+            if pidfd >= 0:
+                os.close(pidfd)
             if listener >= 0:
                 self.server.add_listener(existing, listener)
             return existing
         try:
-            pidfd = s.pidfd_open(init_pid)
+            pidfd = pidfd if pidfd >= 0 else s.pidfd_open(init_pid)
         except BaseException:
             if listener >= 0:
                 os.close(listener)

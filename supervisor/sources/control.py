@@ -25,6 +25,7 @@ import errno
 import json
 import os
 import re
+import select
 import socket
 import stat
 from dataclasses import dataclass
@@ -107,13 +108,15 @@ class ControlSource:
             raise KernelError(errno.EINVAL, f"the name {name!r} is not up to 63 letters, digits, '.', '_' or '-'")
         if os.readlink(f"/proc/self/fd/{fds[0]}") != "anon_inode:seccomp notify":
             raise KernelError(errno.EINVAL, "the fd sent is not a seccomp listener")
-        check_owned(init_pid, peer.uid)
         key = f"user:{peer.uid}:{name}"
         if self.daemon.find(key) is not None:
             raise KernelError(errno.EEXIST, f"you already run a container named {name!r}")
+        pidfd = pinned_owned(init_pid, peer.uid)
         peer.key = key
         info = ContainerInfo(name=name, host_uid=peer.uid)
-        self.daemon.adopt(key, init_pid, info, fds[0], own_cgroups=True, ready=lambda error: self._ready(peer, error))
+        self.daemon.adopt(
+            key, init_pid, info, fds[0], own_cgroups=True, ready=lambda error: self._ready(peer, error), pidfd=pidfd
+        )
 
     def _ready(self, peer: _Peer, error: str | None) -> None:
         self._answer(peer, {"ok": error is None, **({"error": error} if error else {})})
@@ -128,6 +131,23 @@ class ControlSource:
         if peer.key:
             self.daemon.forget(peer.key)
         peer.sock.close()
+
+
+def pinned_owned(pid: int, uid: int) -> int:
+    """A pidfd on process `pid`, checked with `check_owned` while pinned: a pid that exits and is
+    given to someone else's process meanwhile is caught (the pidfd then says it exited)."""
+    try:
+        pidfd = s.pidfd_open(pid)
+    except KernelError:
+        raise KernelError(errno.ESRCH, f"no process {pid}") from None
+    try:
+        check_owned(pid, uid)
+        if select.select([pidfd], [], [], 0)[0]:
+            raise KernelError(errno.ESRCH, f"process {pid} exited while it was being checked")
+    except BaseException:
+        os.close(pidfd)
+        raise
+    return pidfd
 
 
 def check_owned(pid: int, uid: int) -> None:

@@ -197,12 +197,14 @@ class LxcProxy:
         self.group = group
         self.log: Any = audit.logger(source="lxc")
         self._sock: socket.socket | None = None
+        self._inode = -1
         self._conns: dict[int, _Connection] = {}
 
     def start(self) -> LxcProxy:
         """Check this kernel's struct sizes, bind and listen (on the loop from now on)."""
         notify.check_sizes()
         self._sock = _listen(self.path, self.group)
+        self._inode = os.stat(self.path).st_ino  # to remove only our own socket file at close
         self.daemon.server.watch(self._sock.fileno(), self._accept)
         self.log.info("lxc-proxy-listening", path=self.path)
         return self
@@ -212,7 +214,7 @@ class LxcProxy:
         if self._sock is not None:
             self.daemon.server.unwatch(self._sock.fileno())
             with contextlib.suppress(OSError):
-                if os.stat(self.path).st_ino == os.fstat(self._sock.fileno()).st_ino:
+                if os.stat(self.path).st_ino == self._inode:
                     os.unlink(self.path)
             self._sock.close()
             self._sock = None

@@ -207,11 +207,12 @@ class OciSource:
             # An ordinary user's runtime names containers in its own space, and only ones it owns.
             user = pending.uid
             key = f"oci:{state.container_id}" if user == 0 else f"oci:{user}:{state.container_id}"
+            pidfd = -1
             if self.daemon.find(key) is None:
                 if state.init_pid <= 0:
                     raise BadState(f"container {state.container_id!r} is not known and its state names no init pid")
                 if user != 0:
-                    control.check_owned(state.init_pid, user)
+                    pidfd = control.pinned_owned(state.init_pid, user)
         except BaseException:
             os.close(listener)
             raise
@@ -219,7 +220,7 @@ class OciSource:
             name=state.container_id, oci_id=state.container_id, oci_annotations=state.annotations,
             host_uid=None if user == 0 else user,
         )  # fmt: skip
-        self.daemon.adopt(key, state.init_pid, info, listener)
+        self.daemon.adopt(key, state.init_pid, info, listener, pidfd=pidfd)
         self.daemon.log.info("oci-listener", key=key, status=state.status, pid=state.pid, init_pid=state.init_pid)
 
     def _drop(self, pending: _Pending) -> None:
