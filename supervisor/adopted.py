@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from collections.abc import Callable
 from typing import Final
 
 from . import fdops
@@ -36,9 +37,12 @@ SYS_VIEWS: Final = ("sys/block", "sys/class/block", "sys/dev/block", "sys/device
 _WALK: Final = fdops.RESOLVE_BENEATH | fdops.RESOLVE_NO_SYMLINKS | fdops.RESOLVE_NO_MAGICLINKS
 
 
-def views(helper: NsHelper, init_pid: int, owner: tuple[int, int], names: list[str]) -> tuple[list[int], SysView]:
+def views(
+    helper: NsHelper, init_pid: int, owner: tuple[int, int], names: list[str], check_alive: Callable[[], None]
+) -> tuple[list[int], SysView]:  # fmt: skip
     """Attach the pool's /dev and /sys views in the container of `init_pid`, link `names` in /dev.
 
+    `check_alive` raises once the init is gone (a pid may then name another process).
     Returns the supervisor's copies (the first is the node directory, for the pool; the caller
     owns all of them) and the /sys view over them.
     """
@@ -47,6 +51,7 @@ def views(helper: NsHelper, init_pid: int, owner: tuple[int, int], names: list[s
         with contextlib.ExitStack() as stack:
             root = os.open(f"/proc/{init_pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             stack.callback(os.close, root)
+            check_alive()  # the root opened is the init's, not a reused pid's
             with as_ids(*owner):
                 dev = _beneath(root, "dev")
                 if dev is None:

@@ -37,6 +37,10 @@ class Daemon:
     def find(self, key: str) -> Session | None:
         return self._sessions.get(key)
 
+    def count(self, uid: int) -> int:
+        """How many containers an ordinary user `uid` has under serve (its own run's and runtimes')."""
+        return sum(1 for key in self._sessions if key.startswith((f"user:{uid}:", f"oci:{uid}:")))
+
     def adopt(
         self, key: str, init_pid: int, info: ContainerInfo, listener: int = -1, *, own_cgroups: bool = False,
         ready: Callable[[str | None], None] | None = None, pidfd: int = -1,
@@ -65,6 +69,7 @@ class Daemon:
         name = info.name or key
         session = Session(name, listener, init_pid, self.policy, audit.logger(container=name))
         session.info = info
+        session.pidfd = os.dup(pidfd)  # pinned when the source checked it: its set-up acts on no other process
         self._sessions[key] = session
         self._pidfds[key] = pidfd
         self.server.watch(pidfd, lambda fd, events: self.forget(key))
@@ -107,6 +112,7 @@ class Daemon:
                 session.own_cgroups = cgroup.create(f"{session.name}.{session.init_pid}")
                 for group in session.own_cgroups:
                     group.add(session.init_pid)
+                session.check_alive()  # the pid moved was the init's
                 groups = list(session.own_cgroups)
             else:
                 groups = cgroup.of_process(session.init_pid)

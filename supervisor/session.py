@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import errno
 import os
+import select
 import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -128,7 +129,8 @@ class Session:
         self._begin(owner, cgroups)
         limit = self.policy.limits.loop_devices
         names = ["loop-control", *(f"loop{n}" for n in range(limit))]
-        kept, sysview = adopted.views(self.nshelper(), self.init_pid, owner, names)
+        self.check_alive()
+        kept, sysview = adopted.views(self.nshelper(), self.init_pid, owner, names, self.check_alive)
         self._dirs.extend(kept)
         self._open_pool(kept[0], sysview, cgroups)
         with contextlib.ExitStack() as stack:
@@ -144,12 +146,19 @@ class Session:
         self.cgroup_paths = [group.path for group in cgroups]
         for listener in self.listeners():
             notify.set_sync_wakeup(listener)
-        self.pidfd = pidfd_open(self.init_pid)
+        if self.pidfd < 0:
+            self.pidfd = pidfd_open(self.init_pid)
         self.tree_at_start = Tree.take(self.init_pid)
         self.helper = NsHelper.start(self.pidfd, staging, landing)
         self.userns_fd = os.open(f"/proc/{self.init_pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
         mntns = os.stat(f"/proc/{self.init_pid}/ns/mnt")
         self.mntns = (mntns.st_dev, mntns.st_ino)
+        self.check_alive()  # so what was opened by pid above is the init's, not a reused pid's
+
+    def check_alive(self) -> None:
+        """KernelError once the init has exited: a pid read after that may be someone else's."""
+        if select.select([self.pidfd], [], [], 0)[0]:
+            raise KernelError(errno.ESRCH, "the container's init exited while it was being set up")
 
     def _open_pool(self, dev: int, sysview: SysView, cgroups: Sequence[DeviceCgroup]) -> None:
         self.pool = LoopPool(
@@ -157,7 +166,7 @@ class Session:
             sysview=sysview,
             owner=self.owner,
             limit=self.policy.limits.loop_devices,
-            host_uid=self.owner[0],
+            host_uid=self.owner[0] if self.info.host_uid is None else self.info.host_uid,
             per_uid_limit=self.policy.limits.loop_devices_per_host_uid,
             cgroups=cgroups,
         )

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from ..daemon import Daemon
 
 DEFAULT_SOCKET: Final = "/run/mountwarden/control.sock"
+MAX_CONTAINERS_PER_USER: Final = 16  # each costs helpers, a thread, mounts: an ordinary user gets this many
 NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _MAX_MSG: Final = 4096
 
@@ -56,6 +57,7 @@ class ControlSource:
     def __init__(self, daemon: Daemon, path: str, *, gid: int | None = None) -> None:
         self.daemon, self.path = daemon, path
         self.sock = _listen(path, gid)
+        keep_reserve()
         self._peers: dict[int, _Peer] = {}
         daemon.server.watch(self.sock.fileno(), lambda fd, events: self._accept())
 
@@ -69,9 +71,8 @@ class ControlSource:
 
     def _accept(self) -> None:
         while True:
-            try:
-                conn, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
+            conn = accept(self.sock, self.daemon.log)
+            if conn is None:
                 return
             conn.setblocking(False)
             creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
@@ -93,8 +94,11 @@ class ControlSource:
         try:
             if peer.key:
                 raise KernelError(errno.EBUSY, "one container per connection")
-            self._adopt(peer, json.loads(msg), fds)
-        except (KernelError, ValueError, TypeError, KeyError) as exc:
+            request = json.loads(msg)
+            if not isinstance(request, dict):
+                raise KernelError(errno.EINVAL, "a request is one JSON object")
+            self._adopt(peer, request, fds)
+        except Exception as exc:  # whatever the user sent: a refusal, never a leak or a dead socket
             for extra in fds:
                 os.close(extra)
             self.daemon.log.warning("control-request-refused", uid=peer.uid, error=str(exc))
@@ -103,7 +107,9 @@ class ControlSource:
     def _adopt(self, peer: _Peer, request: dict[str, Any], fds: list[int]) -> None:
         if request.get("op") != "adopt" or len(fds) != 1:
             raise KernelError(errno.EINVAL, "send {'op': 'adopt', 'name', 'init_pid'} with the listener")
-        name, init_pid = str(request["name"]), int(request["init_pid"])
+        name, init_pid = str(request["name"]), request["init_pid"]
+        if not isinstance(init_pid, int) or isinstance(init_pid, bool) or not 0 < init_pid < 1 << 22:
+            raise KernelError(errno.EINVAL, "init_pid is not a pid")
         if not NAME.fullmatch(name):
             raise KernelError(errno.EINVAL, f"the name {name!r} is not up to 63 letters, digits, '.', '_' or '-'")
         if os.readlink(f"/proc/self/fd/{fds[0]}") != "anon_inode:seccomp notify":
@@ -111,11 +117,14 @@ class ControlSource:
         key = f"user:{peer.uid}:{name}"
         if self.daemon.find(key) is not None:
             raise KernelError(errno.EEXIST, f"you already run a container named {name!r}")
+        if self.daemon.count(peer.uid) >= MAX_CONTAINERS_PER_USER:
+            raise KernelError(errno.EAGAIN, f"you already run {MAX_CONTAINERS_PER_USER} containers under serve")
         pidfd = pinned_owned(init_pid, peer.uid)
         peer.key = key
         info = ContainerInfo(name=name, host_uid=peer.uid)
+        listener = fds.pop()  # the daemon's from here on
         self.daemon.adopt(
-            key, init_pid, info, fds[0], own_cgroups=True, ready=lambda error: self._ready(peer, error), pidfd=pidfd
+            key, init_pid, info, listener, own_cgroups=True, ready=lambda error: self._ready(peer, error), pidfd=pidfd
         )
 
     def _ready(self, peer: _Peer, error: str | None) -> None:
@@ -131,6 +140,39 @@ class ControlSource:
         if peer.key:
             self.daemon.forget(peer.key)
         peer.sock.close()
+
+
+_reserve = -1  # an fd kept free, to accept and shed connections when serve is out of fds
+
+
+def keep_reserve() -> None:
+    """Hold the reserve fd `accept` sheds with: taken when a socket starts listening."""
+    global _reserve
+    if _reserve < 0:
+        _reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+
+
+def accept(sock: socket.socket, log: Any) -> socket.socket | None:
+    """The next connection on `sock`, or None when there is none (now).
+
+    Out of fds (EMFILE), the pending connection is accepted on a reserve fd and closed, with a
+    log line: else it would wait in the backlog, the loop would wake for it forever, and the
+    socket would serve no one.
+    """
+    global _reserve
+    try:
+        return sock.accept()[0]
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError as exc:
+        if exc.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+    os.close(_reserve)
+    with contextlib.suppress(OSError):
+        sock.accept()[0].close()
+    _reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    log.error("connection-shed", error="serve is out of file descriptors", socket=sock.getsockname())
+    return None
 
 
 def pinned_owned(pid: int, uid: int) -> int:

@@ -134,6 +134,7 @@ class OciSource:
         containers only (see `_announce`); else only root's."""
         self.daemon, self.path, self.users = daemon, path, users
         self.sock = _listen(path, 0o666 if users else 0o600 if gid is None else 0o660, gid)
+        control.keep_reserve()
         self._pending: dict[int, _Pending] = {}
         daemon.server.watch(self.sock.fileno(), lambda fd, events: self._accept())
 
@@ -147,9 +148,8 @@ class OciSource:
 
     def _accept(self) -> None:
         while True:
-            try:
-                conn, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
+            conn = control.accept(self.sock, self.daemon.log)
+            if conn is None:
                 return
             conn.setblocking(False)
             uid = _peer_uid(conn)
@@ -212,6 +212,8 @@ class OciSource:
                 if state.init_pid <= 0:
                     raise BadState(f"container {state.container_id!r} is not known and its state names no init pid")
                 if user != 0:
+                    if self.daemon.count(user) >= control.MAX_CONTAINERS_PER_USER:
+                        raise BadState(f"uid {user} already runs {control.MAX_CONTAINERS_PER_USER} containers")
                     pidfd = control.pinned_owned(state.init_pid, user)
         except BaseException:
             os.close(listener)
