@@ -48,8 +48,18 @@ from ..cgroup import DeviceCgroup
 from ..errors import KernelError
 from ..policy import SourceOrigin
 from . import quota
-from .abi import LO_FLAGS_AUTOCLEAR, LO_FLAGS_DIRECT_IO, LO_FLAGS_PARTSCAN, LO_FLAGS_READ_ONLY, LOOP_MAJOR
-from .device import LoopDevice, attach, device_size, diskseq, logical_block_size, status64, still_bound
+from .abi import LO_FLAGS_AUTOCLEAR, LO_FLAGS_DIRECT_IO, LO_FLAGS_PARTSCAN, LOOP_MAJOR
+from .device import (
+    LoopDevice,
+    attach,
+    clear_read_only,
+    device_size,
+    diskseq,
+    logical_block_size,
+    read_only,
+    status64,
+    still_bound,
+)
 from .sysview import LoopState, SysView
 
 NODE_MODE: Final = 0o660
@@ -167,6 +177,7 @@ class LoopPool:
                 slot.host.close()
         if self.placeholder is not None:
             numbers.append(self.placeholder.number)
+            clear_read_only(self.placeholder.fd)
             self.placeholder.close()
             self.placeholder = None
         if self._memfd >= 0:
@@ -304,12 +315,10 @@ class LoopPool:
         device = slot.host
         device.diskseq = diskseq(device.fd)  # our own changes (CHANGE_FD) may move it on
         info = status64(device.fd)
-        flags = info.flags
-        size = device_size(device.fd)
         state = LoopState(
             backing_file=slot.backing_path, offset=info.offset, sizelimit=info.sizelimit, autoclear=slot.autoclear,
-            partscan=slot.partscan, read_only=bool(flags & LO_FLAGS_READ_ONLY),
-            direct_io=bool(flags & LO_FLAGS_DIRECT_IO), size_bytes=size, block_size=logical_block_size(device.fd),
+            partscan=slot.partscan, read_only=read_only(device.fd), direct_io=bool(info.flags & LO_FLAGS_DIRECT_IO),
+            size_bytes=device_size(device.fd), block_size=logical_block_size(device.fd),
         )  # fmt: skip
         self.sysview.bind(slot.number, device.rdev, state)
 
@@ -334,6 +343,7 @@ class LoopPool:
         self._replace_node(slot, self.placeholder.rdev)
         self.sysview.unbind(slot.number, device.rdev, self.placeholder.rdev)
         self._revoke(device.rdev)
+        clear_read_only(device.fd)
         # Autoclear: the host device goes once the container's fds and mounts on it are gone;
         # until then it still counts, with its ticket.
         self.retired.append(Retired(device.number, device.diskseq, slot.ticket))
