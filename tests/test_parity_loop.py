@@ -18,6 +18,13 @@ import pytest
 from conftest import Run, allow_policy, run_container
 
 PROBE = Path(__file__).resolve().parent / "loopprobe.py"
+HELD_FLSBUF = """
+import errno, fcntl
+try:
+    print("OK", fcntl.ioctl(3, 0x1261, 0))
+except OSError as exc:
+    print(errno.errorcode[exc.errno])
+"""
 MIB = 1 << 20
 
 
@@ -189,3 +196,23 @@ def test_fstrim_on_an_own_mount(tmp_path: Path, scratch: Path, mnt: Path) -> Non
     assert lines == ["fstrim 0", "Operation not permitted"], run.stderr
     trims = [d for d in run.decisions("ioctl") if d.get("op") == "FITRIM"]
     assert [d["result"] for d in trims] == ["OK", "EPERM"] and trims[0]["action"] == "served", trims
+
+
+def test_gated_requests_on_what_is_not_the_containers_own_get_the_unprivileged_answer(
+    tmp_path: Path, scratch: Path, mountcall: Path
+) -> None:
+    """Deliberately unlike host root: a cleared device the container still holds open, and the
+    host's own filesystem, are not its own; the kernel answers them as it answers any
+    unprivileged caller (the requests run natively)."""
+    text = (
+        f"dev=$(losetup -f --show {scratch / 'a.img'})\n"
+        'exec 3<"$dev"\n'
+        'losetup -d "$dev"\n'
+        f"/usr/bin/python3 -c {shlex.quote(HELD_FLSBUF)}\n"  # BLKFLSBUF on the cleared device, on the fd held
+        f'{mountcall} ioctl-arg "$dev" 0x1261 0\n'  # the free slot, as an unbound device
+        "fstrim / 2>&1 | sed 's/.*: //'\n"
+    )
+    run = run_container(tmp_path, ["sh", "-c", text])
+    assert run.stdout.splitlines() == ["EACCES", "OK 0", "Operation not permitted"], run.stderr
+    actions = [(d["op"], d["action"]) for d in run.decisions("ioctl") if d["op"] in ("BLKFLSBUF", "FITRIM")]
+    assert actions == [("BLKFLSBUF", "kernel-native"), ("BLKFLSBUF", "served"), ("FITRIM", "kernel-native")]

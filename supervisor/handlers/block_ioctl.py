@@ -10,7 +10,8 @@ them through. They are served here with the kernel's semantics:
   dropped it gets the kernel's EACCES (EPERM for FITRIM).
 * Only the container's own objects: a block device fd of one of the pool's slots (bound, or the
   free placeholder), or, for FITRIM, a file on a superblock the supervisor mounted on one of the
-  pool's devices (its records). Any other fd runs natively (CONTINUE), where the kernel refuses
+  pool's devices (its records) whose device number is that device's (ext2/3/4, xfs; not btrfs,
+  whose files carry a device number of their own). Any other fd runs natively (CONTINUE), where the kernel refuses
   the caller as it would any unprivileged task.
 * The request is made by the supervisor on the caller's own open file (pidfd_getfd), not on a
   file of its own, so what the kernel checks on the file is still the caller's: BLKBSZSET on an
@@ -36,7 +37,17 @@ from typing import Final
 
 from ..call import Call
 from ..errors import KernelError
-from ..loop.abi import BLKBSZGET, BLKBSZSET, BLKBSZSET_32, BLKFLSBUF, BLKFRASET, BLKRASET, BLKROSET, BLKRRPART
+from ..loop.abi import (
+    BLKBSZGET,
+    BLKBSZSET,
+    BLKBSZSET_32,
+    BLKFLSBUF,
+    BLKFRASET,
+    BLKRASET,
+    BLKROSET,
+    BLKRRPART,
+    LOOP_MAJOR,
+)
 from ..loop.device import ioctl_value
 from ..loop.pool import LoopPool, Slot
 from ..seccomp.notify import Response
@@ -114,12 +125,11 @@ def handle(call: Call) -> Response:
         if request == FITRIM:
             return _fitrim(call, pool, ours, st, arg)
         slot = pool.slot_for(st) if stat.S_ISBLK(st.st_mode) else None
-        if slot is None:
+        target = _device_fd(pool, slot, st, ours)
+        if slot is None or target is None:
             return _native(call)
         call.audit["device"] = f"/dev/loop{slot.number}"
         _require_admin(call, errno.EACCES)
-        # an fd opened on the free node before the slot was bound: natively the bound device
-        target = slot.host.fd if slot.device is not None and st.st_rdev != slot.device.rdev else ours
         call.target.check()
         _run(DEVICE_OPS[request], call, target, slot, arg)
         if slot.device is not None:  # BLKROSET shows in its ro
@@ -130,10 +140,28 @@ def handle(call: Call) -> Response:
     return Response.success(call.notif.id, 0)
 
 
+def _device_fd(pool: LoopPool, slot: Slot | None, st: os.stat_result, ours: int) -> int | None:
+    """The file to act on: the caller's own when it is on the slot's device (or on the free
+    slot's placeholder), the pool's when it was opened on the placeholder before the bind
+    (natively it refers to the bound device). Never a file on any other device: a node of
+    the slot's earlier binding may now reach a device someone else bound."""
+    if slot is None or pool.placeholder is None:
+        return None
+    device = slot.device.rdev if slot.device is not None else pool.placeholder.rdev
+    if st.st_rdev == device:
+        return ours
+    if slot.device is not None and st.st_rdev == pool.placeholder.rdev:
+        return slot.device.fd
+    return None
+
+
 def _fitrim(call: Call, pool: LoopPool, ours: int, st: os.stat_result, arg: int) -> Response:
     """FITRIM on a file of a superblock the supervisor mounted on one of the pool's devices."""
     record = call.session.record_for_dev(st.st_dev)
-    if record is None or record.loop < 0 or not pool.holds(record.loop):
+    # on the pool's device itself, not just on a superblock the records name: a superblock
+    # with a device number of its own (btrfs, FUSE) could since have given it to another
+    on_device = record is not None and st.st_dev == os.makedev(LOOP_MAJOR, record.loop)
+    if record is None or not on_device or not pool.holds(record.loop):
         return _native(call)
     call.audit.update(target=record.target, host_device=f"/dev/loop{record.loop}")
     _require_admin(call, errno.EPERM)

@@ -311,7 +311,15 @@ class LoopPool:
         self.refresh(slot)
 
     def refresh(self, slot: Slot) -> None:
-        """Bring the sysfs view of a bound slot up to date with the device."""
+        """Bring the sysfs view of a bound slot up to date with the device.
+
+        Called after every request that changes a device, before the container's call
+        returns: each such request is the supervisor's own (every loop request and the gated
+        block ones are notified), and the kernel changes none of these attributes by itself
+        while the pool holds the device. Following the kernel's uevents instead would update
+        the view only after the call returned, so a read right after LOOP_SET_CAPACITY could
+        show the old size.
+        """
         device = slot.host
         device.diskseq = diskseq(device.fd)  # our own changes (CHANGE_FD) may move it on
         info = status64(device.fd)
