@@ -12,6 +12,7 @@ from __future__ import annotations
 import shlex
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -174,10 +175,14 @@ def test_mkfs_xfs_on_a_pool_device(tmp_path: Path, scratch: Path) -> None:
         f"dev=$(losetup -f --show {image})\n"
         'mkfs.xfs -f -q "$dev"; echo "mkfs $?"\n'
         'blkid -o value -s TYPE "$dev"\n'
+        # not gated: the kernel answers the container itself (the loop driver has no secure erase)
+        'blkdiscard -f -o 0 -l 1048576 "$dev"; echo "discard $?"\n'
+        'blkdiscard -f -z -o 0 -l 1048576 "$dev"; echo "zeroout $?"\n'
+        'blkdiscard -f -s -o 0 -l 1048576 "$dev" 2>/dev/null; echo "secure $?"\n'
         'losetup -d "$dev"\n'
     )
     lines, run = assert_same(tmp_path, text)
-    assert lines == ["mkfs 0", "xfs"], run.stderr
+    assert lines == ["mkfs 0", "xfs", "discard 0", "zeroout 0", "secure 1"], run.stderr
     assert any(d.get("op") == "BLKBSZSET" and d["result"] == "OK" for d in run.decisions("ioctl"))
 
 
@@ -216,3 +221,26 @@ def test_gated_requests_on_what_is_not_the_containers_own_get_the_unprivileged_a
     assert run.stdout.splitlines() == ["EACCES", "OK 0", "Operation not permitted"], run.stderr
     actions = [(d["op"], d["action"]) for d in run.decisions("ioctl") if d["op"] in ("BLKFLSBUF", "FITRIM")]
     assert actions == [("BLKFLSBUF", "kernel-native"), ("BLKFLSBUF", "served"), ("FITRIM", "kernel-native")]
+
+
+def test_a_read_only_flag_set_in_the_container_leaves_with_it(tmp_path: Path, scratch: Path) -> None:
+    """The kernel keeps a BLKROSET on a loop device across detach and the next binding: the
+    pool clears it when the device leaves the container, so the host's next user of that
+    device does not get it read-only."""
+    text = (
+        f"dev=$(losetup -f --show {scratch / 'a.img'})\n"
+        'blockdev --setro "$dev" && blockdev --getro "$dev"\n'
+        'losetup -d "$dev"\n'
+    )
+    run = run_container(tmp_path, ["sh", "-c", text])
+    assert run.stdout.split() == ["1"], run.stderr
+    [host] = {d["host_device"] for d in run.decisions("ioctl") if d.get("op") == "LOOP_CONFIGURE"}
+    deadline = time.monotonic() + 10
+    while subprocess.run(["losetup", host], capture_output=True).returncode == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)  # autoclear detaches asynchronously
+    subprocess.run(["losetup", host, str(scratch / "b.img")], check=True)
+    try:
+        ro = subprocess.run(["blockdev", "--getro", host], capture_output=True, text=True, check=True).stdout
+    finally:
+        subprocess.run(["losetup", "-d", host], check=True)
+    assert ro.strip() == "0"
