@@ -1,6 +1,7 @@
 """Loop ioctls on the container's /dev/loop-control and /dev/loopN, served by its private pool.
 
-Every loop request number is intercepted, whatever the fd: on the pool's nodes it is answered
+Every loop request number is intercepted, whatever the fd (the capability-gated block requests
+are too, and go to block_ioctl): on the pool's nodes it is answered
 here with loop(4)'s semantics and errnos, in container numbers; on a host loop device that is
 not the container's own it is refused; on anything else it gets ENOTTY, as natively.
 
@@ -56,11 +57,12 @@ from ..loop.abi import (
     NAMES,
     LoopInfo,
 )
-from ..loop.device import device_size, status64
+from ..loop.device import device_size, ioctl_value, status64
 from ..loop.pool import BindRequest, LoopPool, Slot
 from ..policy import SourceOrigin
 from ..registry import layouts
 from ..seccomp.notify import Response
+from . import block_ioctl
 
 CONFIG_HEAD: Final = struct.Struct("<II")
 CONFIG_SIZE: Final = 8 + INFO64.size + 64
@@ -89,6 +91,8 @@ Op = Callable[[Request], Response]
 def handle(call: Call) -> Response:
     t, args = call.target, call.notif.args
     fd, request, arg = args[0] & 0xFFFFFFFF, args[1] & 0xFFFFFFFF, args[2]
+    if request in block_ioctl.REQUESTS:
+        return block_ioctl.handle(call)
     call.audit.update(fd=fd, request=f"{request:#06x}", op=_NAMES.get(request, "unknown"))
     ours = t.take_fd(fd)
     try:
@@ -234,7 +238,7 @@ def _apply_status(r: Request, info: LoopInfo) -> Response:
     slot.partscan = slot.partscan or bool(info.flags & LO_FLAGS_PARTSCAN)  # the kernel never clears it either
     # the host device always clears itself at last close and never scans partitions (see pool)
     host_flags = (info.flags | LO_FLAGS_AUTOCLEAR) & ~LO_FLAGS_PARTSCAN
-    fcntl.ioctl(slot.host.fd, LOOP_SET_STATUS64, info._replace(flags=host_flags).pack())
+    _host_ioctl(slot, LOOP_SET_STATUS64, info._replace(flags=host_flags).pack())
     r.pool.refresh(slot)
     return r.done()
 
@@ -262,12 +266,24 @@ def _refuse_if_mounted(r: Request, slot: Slot, change: str) -> None:
         )
 
 
+def _host_ioctl(slot: Slot, request: int, arg: int | bytes) -> None:
+    """The request on the host device; the kernel's refusal (LOOP_CHANGE_FD of a writable
+    device or to a file of another size: EINVAL) is the container's answer."""
+    try:
+        if isinstance(arg, int):
+            ioctl_value(slot.host.fd, request, arg)
+        else:
+            fcntl.ioctl(slot.host.fd, request, arg)
+    except OSError as exc:
+        raise KernelError(exc.errno or errno.EIO, f"{_NAMES[request]} on /dev/loop{slot.number}") from None
+
+
 def _change_fd(r: Request) -> Response:
     slot = r.bound
     _refuse_if_mounted(r, slot, "another backing file")
     ours = r.call.target.take_fd(r.arg & 0xFFFFFFFF)
     try:
-        fcntl.ioctl(slot.host.fd, LOOP_CHANGE_FD, ours)
+        _host_ioctl(slot, LOOP_CHANGE_FD, ours)
         slot.backing_path, slot.backing_origin = _backing_file(r, ours)
     finally:
         os.close(ours)
@@ -282,10 +298,7 @@ def _passthrough(request: int) -> Op:
         slot = r.bound
         if request == LOOP_SET_CAPACITY:  # would show bytes beyond the size policy saw
             _refuse_if_mounted(r, slot, "a new capacity")
-        try:
-            fcntl.ioctl(slot.host.fd, request, r.arg)
-        except OSError as exc:
-            raise KernelError(exc.errno or errno.EIO, _NAMES[request]) from None
+        _host_ioctl(slot, request, r.arg)
         r.pool.refresh(slot)
         return r.done()
 

@@ -28,6 +28,16 @@ BLKSSZGET: Final = 0x1268
 BLKGETSIZE64: Final = 0x80081272
 # _IOR(0x12, 114, size_t) with a 4-byte size_t: what 32-bit callers send; the kernel still stores a u64
 BLKGETSIZE64_32: Final = 0x80041272
+# The capability-gated requests of block/ioctl.c served on pool devices (handlers/block_ioctl.py)
+BLKROSET: Final = 0x125D
+BLKROGET: Final = 0x125E
+BLKRRPART: Final = 0x125F
+BLKFLSBUF: Final = 0x1261
+BLKRASET: Final = 0x1262
+BLKFRASET: Final = 0x1264
+BLKBSZGET: Final = 0x80081270
+BLKBSZSET: Final = 0x40081271
+BLKBSZSET_32: Final = 0x40041271  # _IOW(0x12, 113, size_t) with a 4-byte size_t; the argument is an int on both
 
 LO_FLAGS_READ_ONLY: Final = 1
 LO_FLAGS_AUTOCLEAR: Final = 4

@@ -11,6 +11,7 @@ supervisor is killed.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
@@ -23,6 +24,8 @@ from typing import Final
 from ..errors import KernelError
 from .abi import (
     BLKGETSIZE64,
+    BLKROGET,
+    BLKROSET,
     BLKSSZGET,
     CONFIG,
     INFO64,
@@ -35,6 +38,7 @@ from .abi import (
     LoopInfo,
 )
 
+_libc = ctypes.CDLL(None, use_errno=True)
 _RETRY_ERRNOS: Final = frozenset({errno.EBUSY, errno.ENOENT, errno.ENXIO, errno.EAGAIN})
 _MAX_TRIES: Final = 64
 BLKGETDISKSEQ: Final = 0x80081280  # _IOR(0x12, 128, __u64)
@@ -167,3 +171,24 @@ def logical_block_size(fd: int) -> int:
     buf = bytearray(4)
     fcntl.ioctl(fd, BLKSSZGET, buf, True)
     return int(struct.unpack("<i", buf)[0])
+
+
+def read_only(fd: int) -> bool:
+    """BLKROGET: whether the device refuses writes (bound read-only, or set so by BLKROSET)."""
+    buf = bytearray(4)
+    fcntl.ioctl(fd, BLKROGET, buf, True)
+    return bool(struct.unpack("<i", buf)[0])
+
+
+def clear_read_only(fd: int) -> None:
+    """BLKROSET 0. The kernel keeps a BLKROSET 1 on a loop device across detach and the next
+    binding, so a device leaving the container must not take it to its next user."""
+    fcntl.ioctl(fd, BLKROSET, struct.pack("<i", 0))
+
+
+def ioctl_value(fd: int, request: int, arg: int) -> None:
+    """An ioctl whose argument is a number (an unsigned long in the kernel, wider than the C
+    int fcntl.ioctl passes), so the host device judges the caller's very value."""
+    if _libc.ioctl(ctypes.c_int(fd), ctypes.c_ulong(request), ctypes.c_ulong(arg & (2**64 - 1))) < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))

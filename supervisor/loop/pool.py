@@ -48,8 +48,18 @@ from ..cgroup import DeviceCgroup
 from ..errors import KernelError
 from ..policy import SourceOrigin
 from . import quota
-from .abi import LO_FLAGS_AUTOCLEAR, LO_FLAGS_DIRECT_IO, LO_FLAGS_PARTSCAN, LO_FLAGS_READ_ONLY, LOOP_MAJOR
-from .device import LoopDevice, attach, device_size, diskseq, logical_block_size, status64, still_bound
+from .abi import LO_FLAGS_AUTOCLEAR, LO_FLAGS_DIRECT_IO, LO_FLAGS_PARTSCAN, LOOP_MAJOR
+from .device import (
+    LoopDevice,
+    attach,
+    clear_read_only,
+    device_size,
+    diskseq,
+    logical_block_size,
+    read_only,
+    status64,
+    still_bound,
+)
 from .sysview import LoopState, SysView
 
 NODE_MODE: Final = 0o660
@@ -167,6 +177,7 @@ class LoopPool:
                 slot.host.close()
         if self.placeholder is not None:
             numbers.append(self.placeholder.number)
+            clear_read_only(self.placeholder.fd)
             self.placeholder.close()
             self.placeholder = None
         if self._memfd >= 0:
@@ -300,16 +311,22 @@ class LoopPool:
         self.refresh(slot)
 
     def refresh(self, slot: Slot) -> None:
-        """Bring the sysfs view of a bound slot up to date with the device."""
+        """Bring the sysfs view of a bound slot up to date with the device.
+
+        Called after every request that changes a device, before the container's call
+        returns: each such request is the supervisor's own (every loop request and the gated
+        block ones are notified), and the kernel changes none of these attributes by itself
+        while the pool holds the device. Following the kernel's uevents instead would update
+        the view only after the call returned, so a read right after LOOP_SET_CAPACITY could
+        show the old size.
+        """
         device = slot.host
         device.diskseq = diskseq(device.fd)  # our own changes (CHANGE_FD) may move it on
         info = status64(device.fd)
-        flags = info.flags
-        size = device_size(device.fd)
         state = LoopState(
             backing_file=slot.backing_path, offset=info.offset, sizelimit=info.sizelimit, autoclear=slot.autoclear,
-            partscan=slot.partscan, read_only=bool(flags & LO_FLAGS_READ_ONLY),
-            direct_io=bool(flags & LO_FLAGS_DIRECT_IO), size_bytes=size, block_size=logical_block_size(device.fd),
+            partscan=slot.partscan, read_only=read_only(device.fd), direct_io=bool(info.flags & LO_FLAGS_DIRECT_IO),
+            size_bytes=device_size(device.fd), block_size=logical_block_size(device.fd),
         )  # fmt: skip
         self.sysview.bind(slot.number, device.rdev, state)
 
@@ -334,6 +351,7 @@ class LoopPool:
         self._replace_node(slot, self.placeholder.rdev)
         self.sysview.unbind(slot.number, device.rdev, self.placeholder.rdev)
         self._revoke(device.rdev)
+        clear_read_only(device.fd)
         # Autoclear: the host device goes once the container's fds and mounts on it are gone;
         # until then it still counts, with its ticket.
         self.retired.append(Retired(device.number, device.diskseq, slot.ticket))

@@ -11,7 +11,8 @@ around it):
   propagation changes copy flags unchanged and stay native at full speed.
 * ``umount2(2)`` (and i386's old ``umount``) notify.
 * ``ioctl(2)`` notifies for the loop requests (``0x4C00``-``0x4C0F`` and ``0x4C80``-``0x4C83``)
-  and the two block size queries, compared under a 32-bit mask: the kernel reads only the
+  the two block size queries and the capability-gated block requests served on the pool's
+  devices (and ``FITRIM``), compared under a 32-bit mask: the kernel reads only the
   low 32 bits of the request, so an exact 64-bit comparison could be bypassed with junk in
   the high half.
 * ``fsopen``, ``fsconfig``, ``fsmount``, ``fspick``, ``mount_setattr`` and ``open_tree_attr``
@@ -54,6 +55,12 @@ LOOP_IOCTL_MASKS: Final = ((0xFFFFFFF0, 0x4C00), (0xFFFFFFFC, 0x4C80))
 # LOOP_CONFIGURE): BLKGETSIZE and BLKGETSIZE64. See supervisor/handlers/loop_ioctl.py.
 # BLKGETSIZE64 is 0x80041272 for 32-bit callers (its number encodes sizeof(size_t)).
 BLOCK_SIZE_IOCTLS: Final = (0x1260, 0x80081272, 0x80041272)
+# The capability-gated block requests served on the pool's devices, and FITRIM on the
+# container's mounts (supervisor/handlers/block_ioctl.py): BLKROSET, BLKRRPART, BLKFLSBUF,
+# BLKRASET, BLKFRASET, BLKBSZSET (64- and 32-bit numbers), FITRIM.
+BLOCK_ADMIN_IOCTLS: Final = (0x125D, 0x125F, 0x1261, 0x1262, 0x1264, 0x40081271, 0x40041271, 0xC0185879)
+# Every request notified by its exact number (low 32 bits), in each profile made from this one.
+EXACT_IOCTLS: Final = (*BLOCK_SIZE_IOCTLS, *BLOCK_ADMIN_IOCTLS)
 # fsopen, fsconfig, fsmount, fspick, mount_setattr, open_tree_attr: the same numbers on every
 # ABI since the tables were unified at 424 (x32 adds its bit).
 REFUSED_SYSCALLS: Final = {"fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433, "mount_setattr": 442,
@@ -125,7 +132,7 @@ def build() -> sc.SyscallFilter:
     f.add_rule(sc.NOTIFY, "umount")
     for mask, value in LOOP_IOCTL_MASKS:
         f.add_rule(sc.NOTIFY, "ioctl", sc.Arg(1, sc.MASKED_EQ, mask, value))
-    for request in BLOCK_SIZE_IOCTLS:
+    for request in EXACT_IOCTLS:
         f.add_rule(sc.NOTIFY, "ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFFFFFF, request))
     return f
 

@@ -433,7 +433,7 @@ def profile(base_text: str) -> str:
         "umount notify",
     ]
     rules += [f"ioctl notify [1,{value},SCMP_CMP_MASKED_EQ,{mask}]" for mask, value in seccomp_filter.LOOP_IOCTL_MASKS]
-    rules += [f"ioctl notify [1,{request},SCMP_CMP_MASKED_EQ,{_LOW32}]" for request in seccomp_filter.BLOCK_SIZE_IOCTLS]
+    rules += [f"ioctl notify [1,{request},SCMP_CMP_MASKED_EQ,{_LOW32}]" for request in seccomp_filter.EXACT_IOCTLS]
     rules += ["# mountwarden: the new mount API is refused (ENOSYS) so that every mount goes through mount(2)"]
     rules += [f"{name} errno {errno.ENOSYS}" for name in seccomp_filter.RUNTIME_REFUSED_SYSCALLS]
     rules += ["# mountwarden: no listener of the container's own (SECCOMP_FILTER_FLAG_NEW_LISTENER)"]

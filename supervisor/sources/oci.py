@@ -309,6 +309,6 @@ def _notify_rules() -> list[dict[str, Any]]:
     ]
     for mask, value in seccomp_filter.LOOP_IOCTL_MASKS:
         rules.append({"names": ["ioctl"], "action": notify, "args": [masked(1, mask, value)]})
-    for request in seccomp_filter.BLOCK_SIZE_IOCTLS:
+    for request in seccomp_filter.EXACT_IOCTLS:
         rules.append({"names": ["ioctl"], "action": notify, "args": [masked(1, 0xFFFFFFFF, request)]})
     return rules
