@@ -7,6 +7,7 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 packages=(
   python3 python3-venv libseccomp2 util-linux e2fsprogs squashfs-tools erofs-utils busybox-static
   gcc gcc-multilib libc6-dev libcap-dev dosfstools xfsprogs btrfs-progs genisoimage f2fs-tools fuse2fs squashfuse fuse3 procps
+  fusefat fuseiso udftools mtools
   runc crun lxc podman uidmap
 )
 if [ "$(id -u)" -ne 0 ]; then

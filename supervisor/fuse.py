@@ -43,6 +43,10 @@ DEFAULT_DAEMONS: Final = {
     "ext4": "fuse2fs",
     "squashfs": "squashfuse",
     "erofs": "erofsfuse",
+    # Filesystems this kernel may lack a driver for (Debian 12's kernels build them; a
+    # minimal kernel answers ENODEV on the kernel path): Debian has read-only daemons.
+    "vfat": "fusefat",
+    "iso9660": "fuseiso",
 }
 WRITABLE: Final = frozenset({"fuse2fs"})  # daemons that can serve a read-write mount
 START_TIMEOUT: Final = 10.0
@@ -111,7 +115,10 @@ def daemon_for(fstype: str, named: str | None) -> str:
     return path
 
 
-LIBFUSE2: Final = frozenset({"fuse2fs"})  # libfuse 2 refuses a non-empty mount point unless told
+LIBFUSE2: Final = frozenset({"fuse2fs", "fusefat", "fuseiso"})  # libfuse 2 refuses a non-empty mount point unless told
+# fuseiso parses only its own options before the image and mount point and takes FUSE's after
+# them; -n keeps it from writing $HOME/.mtab.fuseiso.
+_OWN_OPTIONS_FIRST: Final = {"fuseiso": ("-n",)}
 
 
 def argv(name: str, read_only: bool, attrs: Sequence[str]) -> list[str]:
@@ -119,7 +126,10 @@ def argv(name: str, read_only: bool, attrs: Sequence[str]) -> list[str]:
     opts = [*sorted({"nosuid", "nodev", *attrs}), "allow_other", "ro" if read_only else "rw"]
     if name in LIBFUSE2:
         opts.append("nonempty")  # as mount(2) itself allows
-    return [name, "-f", "-o", ",".join(opts), fuse_jail.IMAGE, fuse_jail.MOUNT_POINT]
+    fuse_args = ["-f", "-o", ",".join(opts)]
+    if name in _OWN_OPTIONS_FIRST:
+        return [name, *_OWN_OPTIONS_FIRST[name], fuse_jail.IMAGE, fuse_jail.MOUNT_POINT, *fuse_args]
+    return [name, *fuse_args, fuse_jail.IMAGE, fuse_jail.MOUNT_POINT]
 
 
 def start(

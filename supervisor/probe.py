@@ -171,6 +171,19 @@ _ISO_PRIMARY = 1
 _ISO_TERMINATOR = 255
 
 
+# UDF: an ECMA-167 volume recognition sequence from 32 KiB, one 2 KiB descriptor per
+# sector (per 4 KiB sector on 4Kn media, read at 2 KiB steps with the gaps skipped), its
+# NSR02/NSR03 descriptor between BEA01 and TEA01 saying the volume is UDF.
+_UDF_VRS_OFFSET = 0x8000
+_UDF_VRS_STEP = 2048
+_UDF_VRS_IDENT = struct.Struct("<x5s")
+_UDF_BEGIN = b"BEA01"
+_UDF_NSR = frozenset({b"NSR02", b"NSR03"})
+_UDF_END = b"TEA01"
+# Descriptors that may also stand in the sequence (ISO 9660's, in a UDF bridge image).
+_UDF_OTHER = frozenset({b"CD001", b"CDW02", b"BOOT2"})
+
+
 class _FatBpb(NamedTuple):
     sector_size: int
     cluster_sectors: int
@@ -395,6 +408,27 @@ def _probe_iso9660(head: bytes) -> _Match | None:
     return None
 
 
+def _probe_udf(head: bytes) -> _Match | None:
+    """UDF: an NSR descriptor inside an extended area (BEA01 ... TEA01) of the recognition sequence.
+
+    A UDF bridge disc carries ISO 9660 descriptors first; blkid and the kernel call it UDF,
+    so this probe runs before the ISO 9660 one. The label lives in the logical volume
+    descriptor, beyond what is read here, and is left out.
+    """
+    extended = False
+    for offset in range(_UDF_VRS_OFFSET, len(head) - _UDF_VRS_IDENT.size + 1, _UDF_VRS_STEP):
+        (ident,) = _UDF_VRS_IDENT.unpack_from(head, offset)
+        if ident == _UDF_BEGIN:
+            extended = True
+        elif ident in _UDF_NSR and extended:
+            return _Match("udf", None, None)
+        elif ident == _UDF_END:
+            extended = False
+        elif ident not in _UDF_OTHER and any(head[offset : offset + _UDF_VRS_STEP]):
+            return None  # the sequence ended without an NSR
+    return None
+
+
 def _probe_vfat(head: bytes) -> _Match | None:
     """FAT12/16/32: probed last, as the boot signature and BPB are the weakest evidence.
 
@@ -442,6 +476,7 @@ _PROBES: tuple[Callable[[bytes], _Match | None], ...] = (
     _probe_erofs,
     _probe_f2fs,
     _probe_ext,
+    _probe_udf,
     _probe_iso9660,
     _probe_vfat,
 )

@@ -193,7 +193,7 @@ def test_fstrim_on_an_own_mount(tmp_path: Path, scratch: Path, mnt: Path) -> Non
     image.chmod(0o666)
     text = (
         f"mount -o loop {image} {mnt} || exit 3\n"
-        f"fstrim {mnt}; echo \"fstrim $?\"\n"
+        f'fstrim {mnt}; echo "fstrim $?"\n'
         f"setpriv --bounding-set=-sys_admin fstrim {mnt} 2>&1 | sed 's/.*: //'\n"
         f"umount -d {mnt}\n"
     )

@@ -566,6 +566,7 @@ def test_the_shipped_policy_files_are_known() -> None:
     assert [path.relative_to(POLICIES).as_posix() for path in ALL_POLICY_FILES] == [
         "deny-all.yaml",
         "examples/ci-runner.yaml",
+        "examples/image-tools.yaml",
         "examples/images.yaml",
         "examples/read-only-images.yaml",
         "examples/trusted-squashfs.yaml",

@@ -111,6 +111,22 @@ def _mkfs_f2fs(root: Path) -> Path:
     return image
 
 
+def _mkudffs(block_size: int) -> Callable[[Path], Path]:
+    def build(root: Path) -> Path:
+        image = _sparse(root / "image", 16 * MiB)
+        _run(_tool("mkudffs"), f"--blocksize={block_size}", "--media-type=hd", "--label=ulabel", str(image))
+        return image
+
+    return build
+
+
+def _udf_bridge(root: Path) -> Path:
+    """ISO 9660 descriptors first, then the UDF ones: blkid and the kernel call it UDF."""
+    image = root / "image"
+    _run(_tool("genisoimage"), "-quiet", "-udf", "-V", "ISOLABEL", "-o", str(image), str(_source_tree(root)))
+    return image
+
+
 BUILDERS: dict[str, Callable[[Path], Path]] = {
     "ext2": _mkfs_ext("ext2", "-L", "elabel", "-U", UUID),
     "ext3": _mkfs_ext("ext3", "-L", "elabel", "-U", UUID),
@@ -127,6 +143,10 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
     "btrfs": _mkfs_btrfs,
     "iso9660": _mkisofs,
     "f2fs": _mkfs_f2fs,
+    "udf": _mkudffs(2048),
+    "udf-512": _mkudffs(512),
+    "udf-4k": _mkudffs(4096),
+    "udf-bridge": _udf_bridge,
 }
 
 # kind -> (fstype, label, uuid) the probe must report. FAT labels are not reported
@@ -147,6 +167,10 @@ EXPECTED: dict[str, tuple[str | None, str | None, str | None]] = {
     "btrfs": ("btrfs", "blabel", UUID),
     "iso9660": ("iso9660", "ISOLABEL", None),
     "f2fs": ("f2fs", "flabel", UUID),
+    "udf": ("udf", None, None),
+    "udf-512": ("udf", None, None),
+    "udf-4k": ("udf", None, None),
+    "udf-bridge": ("udf", None, None),
 }
 
 

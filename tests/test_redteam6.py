@@ -80,7 +80,9 @@ def _bound(minor: int) -> bool:
 
 @pytest.mark.xfail(strict=True, reason="an ordinary user reopens a released pool node from outside its device cgroup")
 def test_a_released_loop_device_is_not_the_users_to_reopen(
-    ordinary_user: pwd.struct_passwd, place: Path, tmp_path: Path  # noqa: F811 - fixtures
+    ordinary_user: pwd.struct_passwd,  # noqa: F811 - a fixture
+    place: Path,  # noqa: F811 - a fixture
+    tmp_path: Path,
 ) -> None:
     """Hole: the pool's nodes live on a host tmpfs without nodev (adopted.py) whose only wall is
     the container's device cgroup. An ordinary user owns its container's user namespace, so a
@@ -177,7 +179,9 @@ def _ask(path: Path, request: bytes, timeout: float = 5) -> dict[str, object] | 
 
 
 def test_requests_that_are_not_objects_do_not_exhaust_serve(
-    ordinary_user: pwd.struct_passwd, place: Path, tmp_path: Path  # noqa: F811 - fixtures
+    ordinary_user: pwd.struct_passwd,  # noqa: F811 - a fixture
+    place: Path,  # noqa: F811 - a fixture
+    tmp_path: Path,
 ) -> None:
     """Hole: ControlSource._read catches KernelError, ValueError, TypeError and KeyError only.
     `[]` (AttributeError on .get), a nesting too deep (RecursionError) or an init_pid of 1e999
@@ -212,5 +216,3 @@ def test_requests_that_are_not_objects_do_not_exhaust_serve(
 
 def _refused(answer: dict[str, object] | None) -> bool:
     return answer is not None and answer["ok"] is False and "with the listener" in str(answer["error"])
-
-
