@@ -24,14 +24,20 @@ _ATTR_FLAGS: Final = {
     s.MS_NODIRATIME: ("nodiratime", s.MOUNT_ATTR_NODIRATIME),
     s.MS_STRICTATIME: ("strictatime", s.MOUNT_ATTR_STRICTATIME),
     s.MS_RELATIME: ("relatime", s.MOUNT_ATTR_RELATIME),
+    s.MS_NOSYMFOLLOW: ("nosymfollow", s.MOUNT_ATTR_NOSYMFOLLOW),
 }
 # Superblock flags: MS_* -> fsconfig flag key
-_SB_FLAGS: Final = {s.MS_SYNCHRONOUS: "sync", s.MS_DIRSYNC: "dirsync", s.MS_LAZYTIME: "lazytime"}
+_SB_FLAGS: Final = {
+    s.MS_SYNCHRONOUS: "sync", s.MS_DIRSYNC: "dirsync", s.MS_LAZYTIME: "lazytime", s.MS_MANDLOCK: "mand"
+}  # fmt: skip
 # Flags that change nothing we must honour (remount and bind select the operation, not options).
-_IGNORED: Final = s.MS_SILENT | s.MS_REC | s.MS_NOSYMFOLLOW | s.MS_MANDLOCK | s.MS_REMOUNT | s.MS_BIND
+_IGNORED: Final = s.MS_SILENT | s.MS_REC | s.MS_REMOUNT | s.MS_BIND
 _ATIME_PRECEDENCE: Final = ("strictatime", "noatime", "relatime")  # as the kernel resolves MS_* combinations
-SB_FLAG_NAMES: Final = ("sync", "dirsync", "lazytime")
-_SB_CLEAR: Final = {"async": "sync", "nolazytime": "lazytime"}
+SB_FLAG_NAMES: Final = ("sync", "dirsync", "lazytime", "mand")
+_SB_CLEAR: Final = {"async": "sync", "nolazytime": "lazytime", "nomand": "mand"}
+# MS_REMOUNT sets or clears exactly these superblock flags (the kernel's MS_RMT_MASK; dirsync
+# stays as it was): flag -> the fsconfig key that clears it.
+_REMOUNT_SB: Final = {"sync": "async", "lazytime": "nolazytime", "mand": "nomand"}
 OPTION_ATTRS: Final = {name: attr for name, attr in _ATTR_FLAGS.values()}
 FORCED: Final = ("nosuid", "nodev")
 
@@ -115,6 +121,12 @@ class MountOptions:
         for name in self.attrs:
             value |= OPTION_ATTRS[name]
         return value | (s.MOUNT_ATTR_RDONLY if self.read_only else 0)
+
+    @property
+    def remount_sb_flags(self) -> list[str]:
+        """fsconfig flags making a reconfiguration do what MS_REMOUNT does to the superblock:
+        each flag of the kernel's MS_RMT_MASK set as asked, or cleared, and dirsync untouched."""
+        return ["ro" if self.read_only else "rw", *(f if f in self.sb_flags else off for f, off in _REMOUNT_SB.items())]
 
     def describe(self) -> str:
         """The options as `mount` would print them, for audit records and errors."""

@@ -23,7 +23,7 @@ import difflib
 import re
 import shlex
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,21 +77,37 @@ def native(text: str, timeout: float = 60) -> list[str]:
     return proc.stdout.splitlines()
 
 
-def both(tmp_path: Path, text: str, policy: Path | None = None, deliberate: Iterable[str] = ()) -> Sides:
+def both(
+    tmp_path: Path,
+    text: str,
+    policy: Path | None = None,
+    deliberate: Iterable[str] = (),
+    reset: Callable[[], None] = lambda: None,
+) -> Sides:
     """The script natively and in a `mountwarden run` container, each normalised (FORCED and
-    `deliberate` left out of flag reports)."""
+    `deliberate` left out of flag reports); `reset` runs before each side (e.g. a fresh copy of
+    an image the script writes to)."""
     ignore = FORCED | set(deliberate)
+    reset()
+    got = native(text)
+    reset()
     run = run_container(tmp_path, ["sh", "-c", text], policy=policy)
     assert run.returncode != 97, f"the container could not bind a loop device: {run.stderr}"
     return Sides(
-        [normalise(line, ignore) for line in native(text)],
+        [normalise(line, ignore) for line in got],
         [normalise(line, ignore) for line in run.stdout.splitlines()],
         run,
     )
 
 
-def assert_same(tmp_path: Path, text: str, policy: Path | None = None, deliberate: Iterable[str] = ()) -> list[str]:
+def assert_same(
+    tmp_path: Path,
+    text: str,
+    policy: Path | None = None,
+    deliberate: Iterable[str] = (),
+    reset: Callable[[], None] = lambda: None,
+) -> list[str]:
     """Fail with a diff unless the container saw what the kernel answers natively; the lines."""
-    sides = both(tmp_path, text, policy, deliberate)
+    sides = both(tmp_path, text, policy, deliberate, reset)
     assert sides.native == sides.contained, f"{sides.differences()}\ncontainer stderr:\n{sides.run.stderr}"
     return sides.native

@@ -51,11 +51,11 @@ def refused(fstype: str, *options: str) -> KernelError:
         (s.MS_LAZYTIME, opts(sb=("lazytime",))),
         (s.MS_SYNCHRONOUS | s.MS_DIRSYNC | s.MS_LAZYTIME, opts(sb=("sync", "dirsync", "lazytime"))),
         (RO | s.MS_SYNCHRONOUS | NOEXEC, opts(True, ("noexec",), ("sync",))),
+        (s.MS_NOSYMFOLLOW, opts(attrs=("nosymfollow",))),  # issue 12: it reaches the mount
+        (s.MS_MANDLOCK, opts(sb=("mand",))),  # shown as the kernel shows it, though it does nothing since 5.15
         # Flags that change nothing for a new mount.
         (s.MS_SILENT, opts()),
         (s.MS_REC, opts()),
-        (s.MS_NOSYMFOLLOW, opts()),
-        (s.MS_MANDLOCK, opts()),
         (RO | s.MS_SILENT | s.MS_REC, opts(read_only=True)),
         # The old magic number in the top half is stripped, whatever the bottom half says.
         (s.MS_MGC_VAL, opts()),
