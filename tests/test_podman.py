@@ -194,19 +194,8 @@ def test_a_rootless_podman_container_is_served_under_the_rules_for_its_users_uid
                      "/bin/sh", "-c", script)  # fmt: skip
         assert run.returncode == 0, run.stderr
         subids = _subordinate(USER, "/etc/subuid")
-        assert run.stdout.split() == [
-            "0",
-            str(uid),
-            "1",
-            "1",
-            str(subids[0]),
-            str(subids[1]),
-            "public",
-            "1",
-            ".mountwarden/loop0",
-            "unmounted",
-            "refused",
-        ], run.stdout
+        assert run.stdout.split() == ["0", str(uid), "1", "1", str(subids[0]), str(subids[1]),
+                                      "public", "1", ".mountwarden/loop0", "unmounted", "refused"], run.stdout
         cid = podman.container_id("mw-rootless")
         adopted = serve.wait_for("container-adopted")
         assert adopted[-1]["key"] == f"oci:{uid}:{cid}" and adopted[-1]["host_uid"] == uid, adopted
