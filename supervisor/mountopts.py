@@ -30,8 +30,7 @@ _ATTR_FLAGS: Final = {
 _SB_FLAGS: Final = {
     s.MS_SYNCHRONOUS: "sync", s.MS_DIRSYNC: "dirsync", s.MS_LAZYTIME: "lazytime", s.MS_MANDLOCK: "mand"
 }  # fmt: skip
-# Flags that change nothing we must honour (remount and bind select the operation, not options).
-_IGNORED: Final = s.MS_SILENT | s.MS_REC | s.MS_REMOUNT | s.MS_BIND
+_MS_NOUSER: Final = 1 << 31
 _ATIME_PRECEDENCE: Final = ("strictatime", "noatime", "relatime")  # as the kernel resolves MS_* combinations
 SB_FLAG_NAMES: Final = ("sync", "dirsync", "lazytime", "mand")
 _SB_CLEAR: Final = {"async": "sync", "nolazytime": "lazytime", "nomand": "mand"}
@@ -139,11 +138,10 @@ def parse(flags: int, data: str | None) -> MountOptions:
     flags &= 0xFFFFFFFF  # MS_* is a 32-bit space; the kernel ignores the upper half of the long
     if flags & s.MS_MGC_MSK == s.MS_MGC_VAL:
         flags &= ~s.MS_MGC_MSK
-    known = s.MS_RDONLY | _IGNORED
-    for bit in (*_ATTR_FLAGS, *_SB_FLAGS):
-        known |= bit
-    if flags & ~known:
-        raise KernelError(errno.EINVAL, f"unsupported mount flags {flags & ~known:#x}")
+    if flags & _MS_NOUSER:
+        raise KernelError(errno.EINVAL, "MS_NOUSER is the kernel's own flag; mount(2) refuses it")
+    # Every other bit the kernel's path_mount ignores, or passes to the filesystem, which ignores
+    # it: MS_POSIXACL, MS_KERNMOUNT, MS_I_VERSION, bits 26-30 and the unused ones (Linux 6.18).
     read_only = bool(flags & s.MS_RDONLY)
     attrs = {name for bit, (name, _) in _ATTR_FLAGS.items() if flags & bit and name != "ro"}
     sb = [key for bit, key in _SB_FLAGS.items() if flags & bit]

@@ -44,17 +44,21 @@ def normalise(line: str, ignore: Iterable[str] = FORCED) -> str:
     return f"OK mnt={mnt} sb={sb} st={st}"
 
 
-def script(mountcall: Path, commands: Sequence[Sequence[str]], image: Path | None = None, ro: bool = True) -> str:
+def script(
+    mountcall: Path, commands: Sequence[Sequence[str]], image: Path | None = None, ro: bool = True, then: str = ""
+) -> str:
     """A script running `commands` in one mountcall process (`seq`), on a loop device of `image`
-    (`DEV` in an argument) bound read-only or read-write; it detaches the device at the end."""
+    (`DEV` in an argument) bound read-only or read-write, then the shell lines `then` (where
+    "$mc" is the tool and "$dev" the device); it detaches the device at the end."""
     words: list[str] = []
     for i, command in enumerate(commands):
         words += [";"] * bool(i) + list(command)
-    line = " ".join('"$dev"' if w == DEV else shlex.quote(w) for w in [str(mountcall), "seq", *words])
+    line = " ".join(['"$mc"', *('"$dev"' if w == DEV else shlex.quote(w) for w in ["seq", *words])])
+    head = f"mc={shlex.quote(str(mountcall))}\n"
     if image is None:
-        return f"{line}\n"
+        return f"{head}{line}\n{then}"
     bind = f"dev=$(losetup -f --show {'-r ' if ro else ''}{shlex.quote(str(image))}) || exit 97"
-    return f'{bind}\n{line}\nlosetup -d "$dev"\n'
+    return f'{head}{bind}\n{line}\n{then}losetup -d "$dev"\n'
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ whose name says `deliberately` leaves out more, and the README lists it.
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import pytest
@@ -34,10 +35,15 @@ def _fresh(image: Path, original: Path) -> None:
 
 @pytest.fixture
 def at(workdir: Path) -> Path:
-    """A fresh mount point (and a plain directory beside it) the container's root may use."""
+    """A mount point `mnt` the container's root may use, and beside it a plain directory `dir`, a
+    file `file`, a symlink `link` to mnt and a symlink `loop` to itself."""
     path = workdir / "parity"
     for d in (path / "mnt", path / "dir"):
         d.mkdir(parents=True, exist_ok=True)
+    (path / "file").touch()
+    for name, to in (("link", "mnt"), ("loop", "loop")):
+        if not (path / name).is_symlink():
+            (path / name).symlink_to(to)
     return path
 
 
@@ -105,6 +111,63 @@ def test_a_remount_of_a_directory_that_is_no_mount_point_is_einval(
     assert out == ["OK", "EINVAL"]
 
 
+def _errno_cases(at: Path, mountcall: Path) -> dict[str, tuple[list[list[str]], list[str]]]:
+    """mount(2)'s ERRORS (man 2 mount) that can be made on demand: commands, the kernel's answer."""
+    mnt, long = str(at / "mnt"), "a" * 5000
+    return {
+        "target-missing": ([["mount", DEV, str(at / "nope"), EXT4, "ro"]], ["ENOENT"]),
+        "target-a-file": ([["mount", DEV, str(at / "file"), EXT4, "ro"]], ["ENOTDIR"]),
+        "target-under-a-file": ([["mount", DEV, str(at / "file" / "x"), EXT4, "ro"]], ["ENOTDIR"]),
+        "target-a-symlink-loop": ([["mount", DEV, str(at / "loop"), EXT4, "ro"]], ["ELOOP"]),
+        "target-too-long": ([["mount", DEV, long, EXT4, "ro"]], ["ENAMETOOLONG"]),
+        "target-faulting": ([["raw", "165", "s:/x", "1", "s:ext4", "1"]], ["EFAULT"]),
+        "source-missing": ([["mount", str(at / "nope"), mnt, EXT4, "ro"]], ["ENOENT"]),
+        "source-a-directory": ([["mount", str(at / "dir"), mnt, EXT4, "ro"]], ["ENOTBLK"]),
+        "source-a-char-device": ([["mount", "/dev/null", mnt, EXT4, "ro"]], ["ENOTBLK"]),
+        "source-too-long": ([["mount", long, mnt, EXT4, "ro"]], ["EINVAL"]),  # copy_mount_string
+        "type-too-long": ([["mount", DEV, mnt, long, "ro"]], ["EINVAL"]),
+        "type-long": ([["mount", DEV, mnt, "t" * 300, "ro"]], ["ENODEV"]),
+        "data-faulting": ([["mount-on", "data", "none", DEV, mnt, EXT4, "ro", "noload"]], ["EFAULT"]),
+        "rw-on-a-read-only-device": ([["mount", DEV, mnt, EXT4, "0"]], ["EACCES"]),
+        "remount-rw-on-a-read-only-device": (
+            [["mount", DEV, mnt, EXT4, "ro"], ["mount", "-", mnt, "-", _hex(s.MS_REMOUNT)]],
+            ["OK", "EACCES"],
+        ),
+        "ms-nouser": ([["mount", DEV, mnt, EXT4, _hex(1 << 31)]], ["EINVAL"]),
+        "ms-nouser-remount": (
+            [["mount", DEV, mnt, EXT4, "ro"], ["mount", "-", mnt, "-", _hex(1 << 31 | s.MS_REMOUNT)]],
+            ["OK", "EINVAL"],
+        ),
+        "unprivileged": ([["exec-as", "1000", str(mountcall), "mount", DEV, mnt, EXT4, "ro"]], ["EPERM"]),
+    }
+
+
+ERRNO_CASES = list(_errno_cases(Path("/"), Path("/")))
+
+
+@pytest.mark.parametrize("case", ERRNO_CASES)
+def test_mount_errors_of_the_man_page(
+    tmp_path: Path, mountcall: Path, images: dict[str, Path], at: Path, case: str
+) -> None:
+    commands, expected = _errno_cases(at, mountcall)[case]
+    assert _same(tmp_path, mountcall, images["ext4"], *commands) == expected
+
+
+def test_an_image_of_another_type_is_einval(tmp_path: Path, mountcall: Path, images: dict[str, Path], at: Path) -> None:
+    assert _same(tmp_path, mountcall, images["squashfs"], ["mount", DEV, str(at / "mnt"), EXT4, "ro"]) == ["EINVAL"]
+
+
+def test_a_read_only_mount_of_a_writable_device_deliberately_stays_read_only(
+    tmp_path: Path, mountcall: Path, rw_image: Path, at: Path
+) -> None:
+    """The policy judged a read-only mount; going read-write is a new request mountwarden does not take
+    on remount (EROFS), where the kernel would let host root do it."""
+    mnt = str(at / "mnt")
+    commands = [["mount", DEV, mnt, EXT4, "ro"], ["mount", "-", mnt, "-", _hex(s.MS_REMOUNT)]]
+    sides = both(tmp_path, script(mountcall, commands, rw_image, ro=False), allow_policy(tmp_path))
+    assert (sides.native, sides.contained) == (["OK", "OK"], ["OK", "EROFS"])
+
+
 # --- MS_* flags on first mount and on remount ----------------------------------------------------
 
 FLAGS = {
@@ -119,6 +182,7 @@ FLAGS = {
     "dirsync": s.MS_DIRSYNC,
     "silent": s.MS_SILENT,
     "mandlock": s.MS_MANDLOCK,
+    "kernel-ignored": 1 << 16 | 1 << 22 | 1 << 23 | 1 << 26 | 1 << 27 | 1 << 28 | 1 << 29 | 1 << 30 | 0x200,
     "everything": s.MS_NOSYMFOLLOW | s.MS_NOEXEC | s.MS_LAZYTIME | s.MS_SYNCHRONOUS | s.MS_DIRSYNC | s.MS_MANDLOCK,
 }
 ATIME = {
@@ -183,3 +247,52 @@ def test_mnt_expire_unmounts_an_untouched_mount_on_the_second_call(
         ["mount", DEV, mnt, EXT4, "ro"], ["umount", mnt, "expire"], ["umount", mnt, "expire"], ["flags", mnt],
     )  # fmt: skip
     assert out == ["OK", "EAGAIN", "OK", "ENOENT"]
+
+
+def _umount_cases(at: Path, mountcall: Path) -> dict[str, tuple[list[list[str]], str, list[str]]]:
+    """umount2(2)'s ERRORS (man 2 umount) made on demand, after a mount of the device on mnt:
+    commands, shell lines after them, the kernel's answer."""
+    mnt, link = str(at / "mnt"), str(at / "link")
+    first = ["mount", DEV, mnt, EXT4, "ro"]
+    quoted = shlex.quote(mnt)
+    return {
+        "plain": ([first, ["umount", mnt], ["flags", mnt]], "", ["OK", "OK", "ENOENT"]),
+        "detach": ([first, ["umount", mnt, "detach"], ["flags", mnt]], "", ["OK", "OK", "ENOENT"]),
+        "not-a-mount-point": ([first, ["umount", str(at / "dir")]], "", ["OK", "EINVAL"]),
+        "missing": ([first, ["umount", str(at / "nope")]], "", ["OK", "ENOENT"]),
+        "too-long": ([first, ["umount", "a" * 5000]], "", ["OK", "ENAMETOOLONG"]),
+        "faulting": ([first, ["raw", "166", "1", "0"]], "", ["OK", "EFAULT"]),
+        "expire-and-detach": ([first, ["umount", mnt, "expire,detach"]], "", ["OK", "EINVAL"]),
+        "expire-and-force": ([first, ["umount", mnt, "expire,force"]], "", ["OK", "EINVAL"]),
+        "unknown-flag": ([first, ["umount", mnt, "0x10"]], "", ["OK", "EINVAL"]),
+        "nofollow-on-a-symlink": (
+            [first, ["umount", link, "nofollow"], ["umount", link], ["flags", mnt]],
+            "",
+            ["OK", "EINVAL", "OK", "ENOENT"],
+        ),
+        "busy": ([first], f'(cd {quoted} && "$mc" umount {quoted})\n', ["OK", "EBUSY"]),
+        "unprivileged": ([first, ["exec-as", "1000", str(mountcall), "umount", mnt]], "", ["OK", "EPERM"]),
+    }
+
+
+UMOUNT_CASES = list(_umount_cases(Path("/"), Path("/")))
+
+
+@pytest.mark.parametrize("case", UMOUNT_CASES)
+def test_umount_errors_of_the_man_page(
+    tmp_path: Path, mountcall: Path, images: dict[str, Path], at: Path, case: str
+) -> None:
+    commands, then, expected = _umount_cases(at, mountcall)[case]
+    text = script(mountcall, commands, images["ext4"], then=then)
+    assert assert_same(tmp_path, text, allow_policy(tmp_path)) == expected
+
+
+def test_mnt_force_is_deliberately_eperm_in_a_container(
+    tmp_path: Path, mountcall: Path, images: dict[str, Path], at: Path
+) -> None:
+    """MNT_FORCE needs CAP_SYS_ADMIN in the initial user namespace: the container's root has it
+    only in its own, and the supervisor unmounts with exactly those rights."""
+    mnt = str(at / "mnt")
+    text = script(mountcall, [["mount", DEV, mnt, EXT4, "ro"], ["umount", mnt, "force"]], images["ext4"])
+    sides = both(tmp_path, text, allow_policy(tmp_path))
+    assert (sides.native, sides.contained) == (["OK", "OK"], ["OK", "EPERM"])

@@ -34,11 +34,11 @@ from ..policy import Decision, MountRequest
 from ..probe import kernel_driver, probe_fd
 from ..seccomp import filter as seccomp_filter
 from ..seccomp.notify import Response
+from ..target import Target
 
 USERNS_FILESYSTEMS: Final = frozenset(
     {"tmpfs", "ramfs", "proc", "sysfs", "devpts", "mqueue", "cgroup", "cgroup2", "overlay", "fuse", "binfmt_misc"}
 )
-_FSTYPE_MAX: Final = 256
 _DATA_MAX: Final = 4096  # the kernel copies at most one page of mount data
 _PER_MOUNT: Final = (
     s.MOUNT_ATTR_RDONLY
@@ -53,10 +53,11 @@ _PER_MOUNT: Final = (
 
 def handle(call: Call) -> Response:
     t, args = call.target, call.notif.args
-    source = t.read_optional(args[0], what="source")
-    target = t.read_cstring(args[1], what="target")
-    fstype = t.read_optional(args[2], _FSTYPE_MAX, what="filesystem type")
+    # In the kernel's order: type, source and data are copied before the target is looked up.
+    fstype = _mount_string(t, args[2], "filesystem type")
+    source = _mount_string(t, args[0], "source")
     data = t.read_optional(args[4], _DATA_MAX, what="mount data")
+    target = t.read_cstring(args[1], what="target")
     t.check()  # everything below acts on these copies only
     flags = args[3]
     if flags & s.MS_MGC_MSK == s.MS_MGC_VAL:  # the old magic number: the kernel drops bits 16-31
@@ -78,6 +79,17 @@ def handle(call: Call) -> Response:
     if flags & s.MS_REMOUNT:
         return _remount(call, target, flags, opts)
     return _mount_image(call, source, target, fstype, opts)
+
+
+def _mount_string(t: Target, addr: int, what: str) -> str | None:
+    """Source or type, copied as the kernel's copy_mount_string does: one longer than PATH_MAX
+    is EINVAL there (strndup_user), not ENAMETOOLONG as for a path it looks up."""
+    try:
+        return t.read_optional(addr, what=what)
+    except KernelError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise KernelError(errno.EINVAL, exc.what) from None
+        raise
 
 
 def _known_type(fstype: str | None) -> str:
@@ -184,6 +196,8 @@ def _remount(call: Call, target: str, flags: int, opts: mountopts.MountOptions) 
         forced = ("nosuid", "nodev", *(record.forced if record else ()))
         if record is not None and not flags & s.MS_BIND:
             if record.read_only and not opts.read_only:
+                if _device_read_only(record.dev):
+                    raise KernelError(errno.EACCES, "the loop device is read-only", where.path)
                 raise KernelError(errno.EROFS, "this image was mounted read-only and stays so", where.path)
             if opts.fs_options:
                 raise KernelError(errno.EPERM, "changing filesystem options on remount is not supported", where.path)
@@ -206,6 +220,12 @@ def _remount(call: Call, target: str, flags: int, opts: mountopts.MountOptions) 
                 _reconfigure_flags(where, final)
             session.nshelper().call(SetAttr(attr_set, attr_clr), (where.fd,))
     return Response.success(call.notif.id)
+
+
+def _device_read_only(dev: int) -> bool:
+    """Whether the host block device `dev` is read-only (its sysfs `ro`, the host's own view)."""
+    with open(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/ro") as f:
+        return f.read().strip() == "1"
 
 
 def _reconfigure_flags(where: Resolved, opts: mountopts.MountOptions) -> None:
