@@ -8,7 +8,9 @@ whose name says `deliberately` leaves out more, and the README lists it.
 
 from __future__ import annotations
 
+import os
 import shlex
+import stat
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,8 @@ def at(workdir: Path) -> Path:
     for d in (path / "mnt", path / "dir"):
         d.mkdir(parents=True, exist_ok=True)
     (path / "file").touch()
+    if not (path / "nodriver").exists():  # a block device of a major no driver has (240: local use)
+        os.mknod(path / "nodriver", stat.S_IFBLK | 0o666, os.makedev(240, 0))
     for name, to in (("link", "mnt"), ("loop", "loop")):
         if not (path / name).is_symlink():
             (path / name).symlink_to(to)
@@ -211,6 +215,48 @@ def test_a_flag_reaches_a_remounted_mount(
     tmp_path: Path, mountcall: Path, rw_image: Path, at: Path, flag: int, first: int
 ) -> None:
     _same(tmp_path, mountcall, rw_image, *_remount(str(at / "mnt"), first, flag), ro=False)
+
+
+@pytest.mark.parametrize("flag", FLAGS.values(), ids=FLAGS.keys())
+def test_a_flag_reaches_a_bind_remounted_mount(
+    tmp_path: Path, mountcall: Path, rw_image: Path, at: Path, flag: int
+) -> None:
+    _same(tmp_path, mountcall, rw_image, *_remount(str(at / "mnt"), 0, s.MS_BIND | flag), ro=False)
+
+
+@pytest.mark.parametrize("flag", FLAGS.values(), ids=FLAGS.keys())
+def test_a_flag_reaches_a_remount_of_the_containers_own_tmpfs_shown_with_its_owner(
+    tmp_path: Path, mountcall: Path, at: Path, flag: int
+) -> None:
+    """The container's own tmpfs (mounted by the kernel, remounted by the supervisor with the
+    container root's rights); the kernel shows a tmpfs of a user namespace with its owner's ids."""
+    mnt = str(at / "mnt")
+    commands = [
+        ["mount", "parity", mnt, "tmpfs", _hex(s.MS_SYNCHRONOUS | s.MS_LAZYTIME)],
+        ["mount", "-", mnt, "-", _hex(s.MS_REMOUNT | flag)],
+        ["flags", mnt],
+    ]
+    owner = {"uid=100000", "gid=100000"}
+    assert_same(tmp_path, script(mountcall, commands), allow_policy(tmp_path), deliberate=owner)
+
+
+def test_a_host_block_device_is_deliberately_eperm(tmp_path: Path, mountcall: Path, at: Path) -> None:
+    """The container's device cgroup allows no host block device: the kernel itself refuses it
+    the open (EPERM) before it could learn that no driver serves major 240 (ENXIO natively)."""
+    text = script(mountcall, [["mount", str(at / "nodriver"), str(at / "mnt"), EXT4, "ro"]])
+    sides = both(tmp_path, text, allow_policy(tmp_path))
+    assert (sides.native, sides.contained) == (["ENXIO"], ["EPERM"])
+
+
+def test_a_regular_file_is_deliberately_mounted_through_a_pool_device(
+    tmp_path: Path, mountcall: Path, images: dict[str, Path], at: Path
+) -> None:
+    """mount(2) of an image file binds a free pool device, as `mount -o loop` would (README); the
+    kernel answers ENOTBLK."""
+    mnt = str(at / "mnt")
+    text = script(mountcall, [["mount", str(images["ext4"]), mnt, EXT4, "ro"], ["flags", mnt]])
+    sides = both(tmp_path, text, allow_policy(tmp_path))
+    assert sides.native == ["ENOTBLK", "ENOENT"] and sides.contained[0] == "OK", sides.contained
 
 
 @pytest.mark.parametrize("flag", ATIME.values(), ids=ATIME.keys())
