@@ -362,3 +362,15 @@ def test_data_clears_superblock_flags(flags: int, data: str) -> None:
 @pytest.mark.parametrize("value", ["²", "٣", "５"])
 def test_non_ascii_digits_are_refused(value: str) -> None:
     assert refused("ext4", f"commit={value}").errno == errno.EPERM
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (0, ["rw", "async", "nolazytime", "nomand"]),
+        (RO | s.MS_SYNCHRONOUS | s.MS_DIRSYNC, ["ro", "sync", "nolazytime", "nomand"]),  # dirsync stays as it is
+        (s.MS_LAZYTIME | s.MS_MANDLOCK, ["rw", "async", "lazytime", "mand"]),
+    ],
+)
+def test_a_remount_sets_or_clears_each_flag_ms_remount_covers(flags: int, expected: list[str]) -> None:
+    assert parse(flags | s.MS_REMOUNT, None).remount_sb_flags == expected
