@@ -24,14 +24,19 @@ _ATTR_FLAGS: Final = {
     s.MS_NODIRATIME: ("nodiratime", s.MOUNT_ATTR_NODIRATIME),
     s.MS_STRICTATIME: ("strictatime", s.MOUNT_ATTR_STRICTATIME),
     s.MS_RELATIME: ("relatime", s.MOUNT_ATTR_RELATIME),
+    s.MS_NOSYMFOLLOW: ("nosymfollow", s.MOUNT_ATTR_NOSYMFOLLOW),
 }
 # Superblock flags: MS_* -> fsconfig flag key
-_SB_FLAGS: Final = {s.MS_SYNCHRONOUS: "sync", s.MS_DIRSYNC: "dirsync", s.MS_LAZYTIME: "lazytime"}
-# Flags that change nothing we must honour (remount and bind select the operation, not options).
-_IGNORED: Final = s.MS_SILENT | s.MS_REC | s.MS_NOSYMFOLLOW | s.MS_MANDLOCK | s.MS_REMOUNT | s.MS_BIND
+_SB_FLAGS: Final = {
+    s.MS_SYNCHRONOUS: "sync", s.MS_DIRSYNC: "dirsync", s.MS_LAZYTIME: "lazytime", s.MS_MANDLOCK: "mand"
+}  # fmt: skip
+_MS_NOUSER: Final = 1 << 31
 _ATIME_PRECEDENCE: Final = ("strictatime", "noatime", "relatime")  # as the kernel resolves MS_* combinations
-SB_FLAG_NAMES: Final = ("sync", "dirsync", "lazytime")
-_SB_CLEAR: Final = {"async": "sync", "nolazytime": "lazytime"}
+SB_FLAG_NAMES: Final = ("sync", "dirsync", "lazytime", "mand")
+_SB_CLEAR: Final = {"async": "sync", "nolazytime": "lazytime", "nomand": "mand"}
+# MS_REMOUNT sets or clears exactly these superblock flags (the kernel's MS_RMT_MASK; dirsync
+# stays as it was): flag -> the fsconfig key that clears it.
+_REMOUNT_SB: Final = {"sync": "async", "lazytime": "nolazytime", "mand": "nomand"}
 OPTION_ATTRS: Final = {name: attr for name, attr in _ATTR_FLAGS.values()}
 FORCED: Final = ("nosuid", "nodev")
 
@@ -116,6 +121,12 @@ class MountOptions:
             value |= OPTION_ATTRS[name]
         return value | (s.MOUNT_ATTR_RDONLY if self.read_only else 0)
 
+    @property
+    def remount_sb_flags(self) -> list[str]:
+        """fsconfig flags making a reconfiguration do what MS_REMOUNT does to the superblock:
+        each flag of the kernel's MS_RMT_MASK set as asked, or cleared, and dirsync untouched."""
+        return ["ro" if self.read_only else "rw", *(f if f in self.sb_flags else off for f, off in _REMOUNT_SB.items())]
+
     def describe(self) -> str:
         """The options as `mount` would print them, for audit records and errors."""
         names = ["ro" if self.read_only else "rw", *sorted(self.attrs - {"ro"}), *self.sb_flags]
@@ -127,11 +138,10 @@ def parse(flags: int, data: str | None) -> MountOptions:
     flags &= 0xFFFFFFFF  # MS_* is a 32-bit space; the kernel ignores the upper half of the long
     if flags & s.MS_MGC_MSK == s.MS_MGC_VAL:
         flags &= ~s.MS_MGC_MSK
-    known = s.MS_RDONLY | _IGNORED
-    for bit in (*_ATTR_FLAGS, *_SB_FLAGS):
-        known |= bit
-    if flags & ~known:
-        raise KernelError(errno.EINVAL, f"unsupported mount flags {flags & ~known:#x}")
+    if flags & _MS_NOUSER:
+        raise KernelError(errno.EINVAL, "MS_NOUSER is the kernel's own flag; mount(2) refuses it")
+    # Every other bit the kernel's path_mount ignores, or passes to the filesystem, which ignores
+    # it: MS_POSIXACL, MS_KERNMOUNT, MS_I_VERSION, bits 26-30 and the unused ones (Linux 6.18).
     read_only = bool(flags & s.MS_RDONLY)
     attrs = {name for bit, (name, _) in _ATTR_FLAGS.items() if flags & bit and name != "ro"}
     sb = [key for bit, key in _SB_FLAGS.items() if flags & bit]

@@ -51,11 +51,11 @@ def refused(fstype: str, *options: str) -> KernelError:
         (s.MS_LAZYTIME, opts(sb=("lazytime",))),
         (s.MS_SYNCHRONOUS | s.MS_DIRSYNC | s.MS_LAZYTIME, opts(sb=("sync", "dirsync", "lazytime"))),
         (RO | s.MS_SYNCHRONOUS | NOEXEC, opts(True, ("noexec",), ("sync",))),
+        (s.MS_NOSYMFOLLOW, opts(attrs=("nosymfollow",))),  # issue 12: it reaches the mount
+        (s.MS_MANDLOCK, opts(sb=("mand",))),  # shown as the kernel shows it, though it does nothing since 5.15
         # Flags that change nothing for a new mount.
         (s.MS_SILENT, opts()),
         (s.MS_REC, opts()),
-        (s.MS_NOSYMFOLLOW, opts()),
-        (s.MS_MANDLOCK, opts()),
         (RO | s.MS_SILENT | s.MS_REC, opts(read_only=True)),
         # The old magic number in the top half is stripped, whatever the bottom half says.
         (s.MS_MGC_VAL, opts()),
@@ -77,13 +77,18 @@ def test_magic_value_does_not_leak_relatime() -> None:
 
 
 @pytest.mark.parametrize(
-    "flags",
-    [s.MS_MOVE, 0x200, RO | 0x200, s.MS_MGC_VAL | s.MS_MOVE, RO | NOSUID | s.MS_MOVE],
+    ("flags", "expected"),
+    [
+        (s.MS_MOVE, opts()),
+        (RO | 0x200, opts(read_only=True)),
+        (s.MS_MGC_VAL | s.MS_MOVE, opts()),
+        (RO | NOSUID | s.MS_MOVE, opts(True, ("nosuid",))),
+        (1 << 16 | 1 << 22 | 1 << 23 | 1 << 26 | 1 << 30, opts()),  # POSIXACL, KERNMOUNT, I_VERSION, ...
+    ],
 )
-def test_unknown_flags_are_einval(flags: int) -> None:
-    with pytest.raises(KernelError) as info:
-        parse(flags, None)
-    assert info.value.errno == errno.EINVAL
+def test_flags_the_kernel_ignores_are_ignored(flags: int, expected: MountOptions) -> None:
+    """As path_mount does (issue 12; tests/test_parity_mount.py compares with the kernel)."""
+    assert parse(flags, None) == expected
 
 
 # --- parse: data -----------------------------------------------------------------------------
@@ -331,10 +336,10 @@ def test_remount_flags_parse(flags: int) -> None:
     assert parse(flags, None).read_only == bool(flags & RO)
 
 
-@pytest.mark.parametrize("flags", [1 << 31, 1 << 26], ids=["MS_NOUSER", "bit26"])
-def test_unknown_high_flags_are_einval(flags: int) -> None:
-    with pytest.raises(KernelError):
-        parse(flags, None)
+def test_ms_nouser_is_einval() -> None:
+    with pytest.raises(KernelError) as info:
+        parse(1 << 31, None)
+    assert info.value.errno == errno.EINVAL
 
 
 @pytest.mark.parametrize("name", get_args(OptionName))
@@ -357,3 +362,15 @@ def test_data_clears_superblock_flags(flags: int, data: str) -> None:
 @pytest.mark.parametrize("value", ["²", "٣", "５"])
 def test_non_ascii_digits_are_refused(value: str) -> None:
     assert refused("ext4", f"commit={value}").errno == errno.EPERM
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (0, ["rw", "async", "nolazytime", "nomand"]),
+        (RO | s.MS_SYNCHRONOUS | s.MS_DIRSYNC, ["ro", "sync", "nolazytime", "nomand"]),  # dirsync stays as it is
+        (s.MS_LAZYTIME | s.MS_MANDLOCK, ["rw", "async", "lazytime", "mand"]),
+    ],
+)
+def test_a_remount_sets_or_clears_each_flag_ms_remount_covers(flags: int, expected: list[str]) -> None:
+    assert parse(flags | s.MS_REMOUNT, None).remount_sb_flags == expected

@@ -26,17 +26,19 @@ from ..actions import fuse as actions_fuse
 from ..actions import kernel
 from ..call import Call
 from ..errors import KernelError
-from ..image import open_as_caller, open_source, pool_of
+from ..fuse import DEFAULT_DAEMONS
+from ..image import ImageSource, open_as_caller, open_source, pool_of
 from ..nshelper import Reconfigure, SetAttr
+from ..paths import Resolved
 from ..policy import Decision, MountRequest
 from ..probe import kernel_driver, probe_fd
 from ..seccomp import filter as seccomp_filter
 from ..seccomp.notify import Response
+from ..target import Target
 
 USERNS_FILESYSTEMS: Final = frozenset(
     {"tmpfs", "ramfs", "proc", "sysfs", "devpts", "mqueue", "cgroup", "cgroup2", "overlay", "fuse", "binfmt_misc"}
 )
-_FSTYPE_MAX: Final = 256
 _DATA_MAX: Final = 4096  # the kernel copies at most one page of mount data
 _PER_MOUNT: Final = (
     s.MOUNT_ATTR_RDONLY
@@ -45,15 +47,17 @@ _PER_MOUNT: Final = (
     | s.MOUNT_ATTR_NOEXEC
     | s.MOUNT_ATTR_NODIRATIME
     | s.MOUNT_ATTR__ATIME
+    | s.MOUNT_ATTR_NOSYMFOLLOW
 )
 
 
 def handle(call: Call) -> Response:
     t, args = call.target, call.notif.args
-    source = t.read_optional(args[0], what="source")
-    target = t.read_cstring(args[1], what="target")
-    fstype = t.read_optional(args[2], _FSTYPE_MAX, what="filesystem type")
+    # In the kernel's order: type, source and data are copied before the target is looked up.
+    fstype = _mount_string(t, args[2], "filesystem type")
+    source = _mount_string(t, args[0], "source")
     data = t.read_optional(args[4], _DATA_MAX, what="mount data")
+    target = t.read_cstring(args[1], what="target")
     t.check()  # everything below acts on these copies only
     flags = args[3]
     if flags & s.MS_MGC_MSK == s.MS_MGC_VAL:  # the old magic number: the kernel drops bits 16-31
@@ -74,14 +78,45 @@ def handle(call: Call) -> Response:
     opts = mountopts.parse(flags, data)
     if flags & s.MS_REMOUNT:
         return _remount(call, target, flags, opts)
-    if not source:
-        raise KernelError(errno.EINVAL, "a disk image mount needs a source")
     return _mount_image(call, source, target, fstype, opts)
 
 
-def _mount_image(call: Call, source: str, target: str, fstype: str | None, opts: mountopts.MountOptions) -> Response:
+def _mount_string(t: Target, addr: int, what: str) -> str | None:
+    """Source or type, copied as the kernel's copy_mount_string does: one longer than PATH_MAX
+    is EINVAL there (strndup_user), not ENAMETOOLONG as for a path it looks up."""
+    try:
+        return t.read_optional(addr, what=what)
+    except KernelError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise KernelError(errno.EINVAL, exc.what) from None
+        raise
+
+
+def _known_type(fstype: str | None) -> str:
+    """`fstype` as the kernel's do_new_mount judges it: EINVAL without one (nothing is probed for
+    a caller that named no type), ENODEV for a name that is neither a filesystem of this kernel
+    nor one mountwarden serves through a FUSE daemon."""
+    if fstype is None:
+        raise KernelError(errno.EINVAL, "a new mount needs a filesystem type")
+    if fstype not in DEFAULT_DAEMONS and fstype not in _kernel_filesystems():
+        raise KernelError(errno.ENODEV, f"there is no filesystem type {fstype!r} on this system")
+    return fstype
+
+
+def _kernel_filesystems() -> set[str]:
+    """The names in /proc/filesystems (read each time: a module may register one later)."""
+    with open("/proc/filesystems") as f:
+        return {line.split()[-1] for line in f if line.strip()}
+
+
+def _mount_image(
+    call: Call, source: str | None, target: str, fstype: str | None, opts: mountopts.MountOptions
+) -> Response:
     t, session = call.target, call.session
     with t.resolve(target) as where:
+        fstype = _known_type(fstype)
+        if not source:
+            raise KernelError(errno.EINVAL, "a disk image mount needs a source")
         if not stat.S_ISDIR(where.st.st_mode):
             raise KernelError(errno.ENOTDIR, "the mount point is not a directory", where.path)
         src = open_source(call, source)
@@ -90,7 +125,7 @@ def _mount_image(call: Call, source: str, target: str, fstype: str | None, opts:
             call.audit.update(source=src.image.path, target=where.path, probed=facts.fstype, size=facts.size)
             if facts.fstype is None:
                 raise KernelError(errno.EINVAL, "the image holds no filesystem mountwarden recognises", src.image.path)
-            if fstype not in (None, "", "auto", "none") and kernel_driver(fstype) != kernel_driver(facts.fstype):
+            if kernel_driver(fstype) != kernel_driver(facts.fstype):
                 raise KernelError(errno.EINVAL, f"the image is {facts.fstype}, not {fstype}", src.image.path)
             session.sweep()  # mounts the container dropped count no more
             request = MountRequest(
@@ -117,12 +152,22 @@ def _mount_image(call: Call, source: str, target: str, fstype: str | None, opts:
                 os.close(src.fd)
                 src.fd = -1
                 src.fd = open_as_caller(t, src.image, os.O_RDWR)
+            _refuse_same_again(call, src, where)
             record = kernel.attach(call, src, where, facts.fstype, final, decision)
         finally:
             src.close()
     session.add(record)
     call.audit.update(loop=f"/dev/loop{record.slot}", host_loop=f"/dev/loop{record.loop}", options=final.describe())
     return Response.success(call.notif.id)
+
+
+def _refuse_same_again(call: Call, src: ImageSource, where: Resolved) -> None:
+    """EBUSY for the device's filesystem on the mount point where it already is on top, as the
+    kernel's do_add_mount refuses the same superblock on the same mount point."""
+    record = call.session.record_for_dev(where.st.st_dev)
+    if src.slot is not None and record is not None and record.slot == src.slot.number:
+        if where.st.st_ino == record.root_ino:
+            raise KernelError(errno.EBUSY, f"/dev/loop{record.slot} is already mounted here", where.path)
 
 
 def _decide(call: Call, request: MountRequest) -> Decision:
@@ -151,6 +196,8 @@ def _remount(call: Call, target: str, flags: int, opts: mountopts.MountOptions) 
         forced = ("nosuid", "nodev", *(record.forced if record else ()))
         if record is not None and not flags & s.MS_BIND:
             if record.read_only and not opts.read_only:
+                if _device_read_only(record.dev):
+                    raise KernelError(errno.EACCES, "the loop device is read-only", where.path)
                 raise KernelError(errno.EROFS, "this image was mounted read-only and stays so", where.path)
             if opts.fs_options:
                 raise KernelError(errno.EPERM, "changing filesystem options on remount is not supported", where.path)
@@ -165,9 +212,33 @@ def _remount(call: Call, target: str, flags: int, opts: mountopts.MountOptions) 
         if record is None:  # the container's own mount: changed with its own rights, on our fd
             superblock = not flags & s.MS_BIND
             request = Reconfigure(
-                superblock, final.read_only, list(final.sb_flags), list(final.fs_options), attr_set, attr_clr
+                superblock, final.read_only, final.remount_sb_flags, list(final.fs_options), attr_set, attr_clr
             )
             session.nshelper().call(request, (where.fd, session.userns_fd))
         else:
+            if not flags & s.MS_BIND:
+                _reconfigure_flags(where, final)
             session.nshelper().call(SetAttr(attr_set, attr_clr), (where.fd,))
     return Response.success(call.notif.id)
+
+
+def _device_read_only(dev: int) -> bool:
+    """Whether the host block device `dev` is read-only (its sysfs `ro`, the host's own view)."""
+    with open(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/ro") as f:
+        return f.read().strip() == "1"
+
+
+def _reconfigure_flags(where: Resolved, opts: mountopts.MountOptions) -> None:
+    """The superblock flags of a remount (ro, sync, lazytime, mand) on a superblock the supervisor made.
+
+    Its filesystem options stay as the policy allowed them; fspick acts on the superblock of
+    the mount root `where.fd` is (EINVAL on any other directory, as MS_REMOUNT there is), and
+    needs no entry into the container's mount namespace.
+    """
+    fsfd = s.fspick(where.fd)
+    try:
+        for flag in opts.remount_sb_flags:
+            s.fsconfig(fsfd, s.FSCONFIG_SET_FLAG, flag)
+        s.fsconfig(fsfd, s.FSCONFIG_CMD_RECONFIGURE)
+    finally:
+        os.close(fsfd)

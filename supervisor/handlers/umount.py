@@ -40,6 +40,8 @@ def _umount(call: Call, flags: int) -> Response:
     call.audit.update(target=path, flags=f"{flags:#x}")
     if flags & ~_KNOWN_FLAGS or flags & s.MNT_EXPIRE and flags & (s.MNT_FORCE | s.MNT_DETACH):
         raise KernelError(errno.EINVAL, "invalid umount2 flags")
+    if flags & s.MNT_EXPIRE:
+        return _expire(call, path, flags)
     try:
         where = t.resolve(path, follow_last=not flags & s.UMOUNT_NOFOLLOW)
     except KernelError as exc:
@@ -65,6 +67,34 @@ def _umount(call: Call, flags: int) -> Response:
         call.audit.update(note="the path no longer led to the supervisor's mount; it stays")
     else:
         session.unmounted(record)
+    return Response.success(call.notif.id)
+
+
+def _expire(call: Call, path: str, flags: int) -> Response:
+    """MNT_EXPIRE, without touching the mount: any reference the supervisor took and dropped
+    on it (resolving the path does) clears the kernel's expiry mark, so the second call would
+    answer EAGAIN again. Only the parent is resolved here; the helper's umount2, as the
+    container's root, walks the last component itself (the kernel's umount2 keeps the mark).
+    A caller the supervisor does not act for is left to the kernel."""
+    t, session = call.target, call.session
+    parent, name = posixpath.split(path.rstrip("/") or "/")
+    try:
+        call.require_admin("unmounting")
+        if name in ("", ".", ".."):
+            raise KernelError(errno.EINVAL, "no last component to leave unresolved")
+        with t.resolve(parent or ".") as where:
+            canonical = where.path
+    except KernelError as exc:
+        call.audit.update(action="kernel-native", note=exc.what)
+        return Response.continue_(call.notif.id)
+    ns_path = posixpath.join(t.root_path, canonical.lstrip("/"), name)
+    call.audit.update(target=posixpath.join(canonical, name), action="unmount")
+    try:
+        session.nshelper().call(Unmount(ns_path, flags), (session.userns_fd,))
+    finally:
+        present = _mount_ids(session.init_pid)
+        for record in [r for r in session.mounts.values() if r.mnt_id not in present]:
+            session.unmounted(record)
     return Response.success(call.notif.id)
 
 

@@ -888,6 +888,80 @@ static int cmd_setattr_clear_all(int argc, char **argv)
 }
 /* ---- end of the red team 3 block -------------------------------------------------------------- */
 
+/* --- kernel parity: mount(2)/umount2(2) (tests/parity.py, tests/test_parity_mount.py) ----------- */
+#include <sys/statvfs.h>
+
+/* flags PATH: the top mount at PATH as mountinfo shows it, and statvfs's f_flag, as
+ * "OK mnt=PER-MOUNT-OPTIONS sb=SUPER-OPTIONS st=ST_NAMES" (mountinfo's own escaping kept). */
+static int cmd_flags(int argc, char **argv)
+{
+	static const struct flag_name st_names[] = {
+		{"ro", ST_RDONLY}, {"nosuid", ST_NOSUID}, {"nodev", ST_NODEV}, {"noexec", ST_NOEXEC},
+		{"sync", ST_SYNCHRONOUS}, {"mand", ST_MANDLOCK}, {"noatime", ST_NOATIME},
+		{"nodiratime", ST_NODIRATIME}, {"relatime", ST_RELATIME}, {"nosymfollow", 0x2000},
+		{NULL, 0},
+	};
+	char line[4096], mnt[1024] = "", sb[1024] = "", st[256] = "";
+	struct statvfs sv;
+	FILE *f = fopen("/proc/self/mountinfo", "re");
+
+	(void)argc;
+	if (!f)
+		return fail(errno);
+	while (fgets(line, sizeof(line), f)) {
+		char *save = NULL, *fields[64];
+		int n = 0;
+		for (char *tok = strtok_r(line, " \n", &save); tok && n < 64; tok = strtok_r(NULL, " \n", &save))
+			fields[n++] = tok;
+		int dash = 6;
+		while (dash < n && strcmp(fields[dash], "-") != 0)
+			dash++;
+		if (n < 7 || dash + 3 >= n || strcmp(fields[4], argv[0]) != 0)
+			continue;
+		snprintf(mnt, sizeof(mnt), "%s", fields[5]); /* the last match is the top mount */
+		snprintf(sb, sizeof(sb), "%s", fields[dash + 3]);
+	}
+	fclose(f);
+	if (!*mnt)
+		return fail(ENOENT);
+	if (statvfs(argv[0], &sv) < 0)
+		return fail(errno);
+	for (const struct flag_name *s = st_names; s->name; s++)
+		if (sv.f_flag & s->value)
+			snprintf(st + strlen(st), sizeof(st) - strlen(st), "%s%s", *st ? "," : "", s->name);
+	printf("OK mnt=%s sb=%s st=%s\n", mnt, sb, *st ? st : "-");
+	return 0;
+}
+
+/* mount-on WHICH PROT SRC TGT FSTYPE FLAGS [DATA]: mount(2) with argument WHICH (src|type|data)
+ * copied onto a page of PROT (none|ro|rw), e.g. a source the kernel must refuse with EFAULT. */
+static int cmd_mount_on(int argc, char **argv)
+{
+	const char *args[4] = {arg(argv[2]), arg(argv[3]), arg(argv[4]), argc > 6 ? arg(argv[6]) : NULL};
+	int which = strcmp(argv[0], "src") == 0 ? 0 : strcmp(argv[0], "type") == 0 ? 2 : strcmp(argv[0], "data") == 0 ? 3 : -1;
+	size_t page = (size_t)sysconf(_SC_PAGESIZE);
+
+	if (which < 0)
+		usage_error("mount-on: which argument, src, type or data, not '%s'", argv[0]);
+	int prot = strcmp(argv[1], "none") == 0 ? PROT_NONE : strcmp(argv[1], "ro") == 0 ? PROT_READ : PROT_READ | PROT_WRITE;
+	char *buf = mmap(NULL, page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (buf == MAP_FAILED)
+		return fail(errno);
+	snprintf(buf, page, "%s", args[which] ? args[which] : "");
+	if (mprotect(buf, page, prot) < 0)
+		return fail(errno);
+	args[which] = buf;
+	return report(mount(args[0], args[1], args[2], parse_flags(argv[5], mount_flags), args[3]));
+}
+
+/* symlink TARGET LINK */
+static int cmd_symlink(int argc, char **argv)
+{
+	(void)argc;
+	return report(symlink(argv[0], argv[1]));
+}
+/* ---- end of the kernel parity: mount block ------------------------------------------------- */
+
 struct command {
 	const char *name;
 	int min_args;
@@ -982,6 +1056,9 @@ static const struct command commands[] = {
 	{"remount-race", 5, 5, cmd_remount_race, "remount-race TGT FLAGS DIR_A DIR_B COUNT"},
 	{"fuse-steal", 2, 2, cmd_fuse_steal, "fuse-steal COMM SECONDS"},
 	{"setattr-clear-all", 1, 1, cmd_setattr_clear_all, "setattr-clear-all TGT"},
+	{"flags", 1, 1, cmd_flags, "flags PATH"},
+	{"mount-on", 6, 7, cmd_mount_on, "mount-on src|type|data none|ro|rw SRC TGT FSTYPE FLAGS [DATA]"},
+	{"symlink", 2, 2, cmd_symlink, "symlink TARGET LINK"},
 };
 #define N_COMMANDS (sizeof(commands) / sizeof(commands[0]))
 
