@@ -216,16 +216,21 @@ def _remount(call: Call, target: str, flags: int, opts: mountopts.MountOptions) 
             )
             session.nshelper().call(request, (where.fd, session.userns_fd))
         else:
-            if not flags & s.MS_BIND:
+            if not flags & s.MS_BIND and record.mnt_id not in session.daemons:
+                # Not on a FUSE superblock: reconfiguring it would wait on the container's daemon.
                 _reconfigure_flags(where, final)
             session.nshelper().call(SetAttr(attr_set, attr_clr), (where.fd,))
     return Response.success(call.notif.id)
 
 
 def _device_read_only(dev: int) -> bool:
-    """Whether the host block device `dev` is read-only (its sysfs `ro`, the host's own view)."""
-    with open(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/ro") as f:
-        return f.read().strip() == "1"
+    """Whether the superblock `dev` is on a read-only block device (its sysfs `ro`, the host's own
+    view); a FUSE superblock has no block device."""
+    try:
+        with open(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/ro") as f:
+            return f.read().strip() == "1"
+    except FileNotFoundError:
+        return False
 
 
 def _reconfigure_flags(where: Resolved, opts: mountopts.MountOptions) -> None:
