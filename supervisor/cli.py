@@ -210,6 +210,19 @@ def _file_digest(fd: int) -> str:
     return h.hexdigest()
 
 
+def _name_and_env(args: argparse.Namespace) -> tuple[str, dict[str, str]] | None:
+    """run's container name and the command's environment, or None (said why on stderr)."""
+    name = args.name or f"mw-{os.getpid()}"
+    if not _NAME.fullmatch(name):
+        print(f"mountwarden run: --name {name!r}: use up to 63 letters, digits, '.', '_' or '-'", file=sys.stderr)
+        return None
+    try:
+        return name, runner.container_env(args.env, os.environ)
+    except ValueError as exc:
+        print(f"mountwarden run: {exc}", file=sys.stderr)
+        return None
+
+
 def _run_as_user(args: argparse.Namespace, command: list[str]) -> int:
     """An ordinary user's run: the container is the user's own, a running `serve` serves it."""
     refused = [opt for opt, given in (("--policy", args.policy), ("--rootfs", args.rootfs), ("--learn", args.learn),
@@ -221,15 +234,10 @@ def _run_as_user(args: argparse.Namespace, command: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    name = args.name or f"mw-{os.getpid()}"
-    if not _NAME.fullmatch(name):
-        print(f"mountwarden run: --name {name!r}: use up to 63 letters, digits, '.', '_' or '-'", file=sys.stderr)
+    checked = _name_and_env(args)
+    if checked is None:
         return 2
-    try:
-        env = runner.container_env(args.env, os.environ)
-    except ValueError as exc:
-        print(f"mountwarden run: {exc}", file=sys.stderr)
-        return 2
+    name, env = checked
     return client.start(client.Options(command, name, env, args.control_socket, net_host=args.net == "host"))
 
 
@@ -314,15 +322,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.rootfs and not os.path.isdir(args.rootfs):
         print(f"mountwarden run: --rootfs {args.rootfs}: not a directory", file=sys.stderr)
         return 2
-    name = args.name or f"mw-{os.getpid()}"
-    if not _NAME.fullmatch(name):
-        print(f"mountwarden run: --name {name!r}: use up to 63 letters, digits, '.', '_' or '-'", file=sys.stderr)
+    checked = _name_and_env(args)
+    if checked is None:
         return 2
-    try:
-        env = runner.container_env(args.env, os.environ)
-    except ValueError as exc:
-        print(f"mountwarden run: {exc}", file=sys.stderr)
-        return 2
+    name, env = checked
     return runner.start(
         runner.Options(
             command, name, args.policy, policy, os.path.abspath(args.rootfs) if args.rootfs else None, env,
