@@ -265,6 +265,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         audit.configure(stream, logging.DEBUG if args.verbose else logging.INFO)
         notify.check_sizes()
+        cgroup.collect_stale()  # a killed serve's, whose containers have ended since
         return daemon.serve(
             args.policy,
             policy,

@@ -22,6 +22,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 NR_OPENAT2: Final = 437
+NR_FCHMODAT2: Final = 452
 OPEN_TREE_CLONE: Final = 1
 AT_RECURSIVE: Final = 0x8000
 AT_FDCWD: Final = -100
@@ -80,11 +81,17 @@ def openat2(dir_fd: int, path: str, flags: int, resolve: int, mode: int = 0) -> 
 
 def set_owner(fd: int, uid: int, gid: int, mode: int) -> None:
     """chown and chmod the very inode `fd` refers to (O_PATH fds included), never a name."""
-    # fchown/fchmod refuse O_PATH fds (EBADF); the fd's magic link in our own procfs names
-    # exactly its inode, whatever happens to the name it was opened by.
-    link = f"/proc/self/fd/{fd}"
-    os.chown(link, uid, gid)
-    os.chmod(link, mode)
+    # fchown/fchmod refuse O_PATH fds (EBADF); the *at calls take them with AT_EMPTY_PATH
+    # (fchmodat2 only: fchmodat has no flags), and need no procfs, which in a helper that
+    # entered the container's mount namespace would be the container's.
+    _check(_libc.fchownat(fd, b"", uid, gid, AT_EMPTY_PATH), "fchownat", "")
+    _check(_libc.syscall(NR_FCHMODAT2, fd, b"", mode, AT_EMPTY_PATH), "fchmodat2", "")
+
+
+def disown(fd: int) -> None:
+    """Make a device node host root's with no access bits: whoever still holds it (an O_PATH fd,
+    a bind, a hard link) can no longer open it, whatever device its number later names."""
+    set_owner(fd, 0, 0, 0)
 
 
 def identity(fd: int) -> tuple[int, int]:

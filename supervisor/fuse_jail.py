@@ -3,10 +3,11 @@
 The launcher (host root, forked from the supervisor) builds a private mount namespace in the
 host's user namespace whose root is a tmpfs holding read-only binds of the host's /usr (and the
 /bin, /sbin, /lib, /lib64 links or binds), a /dev with null, zero, urandom and fuse, an empty
-mount point and the image (a bind of the fd the supervisor opened, never a path the container
-names). It then joins the container's user and pid namespaces and unshares the mount namespace
-again: the copy belongs to the container's user namespace, so the kernel locks every mount in
-it (flags, and unmounting to reveal what is below). So the program, its ELF interpreter and its
+mount point and the image (a bind of the fd the supervisor opened, or of a node the loop pool
+made for the container's device, never a path the container names). It then joins the
+container's user and pid namespaces and unshares the mount namespace again: the copy belongs
+to the container's user namespace, so the kernel locks every mount in it (flags, and
+unmounting to reveal what is below). So the program, its ELF interpreter and its
 libraries are the host's, whatever the container plants in its own tree or in this one.
 
 The daemon itself holds CAP_SYS_ADMIN in the container's user namespace only (for its FUSE
@@ -44,8 +45,7 @@ class Jail:
     """What the launcher needs: the image (a file's fd, or a loop device of the container's pool),
     whether it is writable, and whose it is."""
 
-    image_fd: int  # an fd on the image file, or -1 when image_dev is given
-    image_dev: int  # the host loop device the container bound (its device cgroup allows it)
+    image_fd: int  # the image file, or the pool's node of the container's device (LoopPool.jail_node)
     read_only: bool
     ids: tuple[int, int]  # uid, gid in the container's user namespace
     host_ids: tuple[int, int]  # the same ids on the host: owner of /dev/fuse and the mount point
@@ -76,13 +76,11 @@ def build(jail: Jail, ns_pidfd: int) -> None:  # pragma: no cover - runs in the 
     os.mkdir(point, 0o755)
     os.chown(point, *jail.host_ids)
     image = STAGE + IMAGE
-    if jail.image_fd < 0:
-        os.mknod(image, stat.S_IFBLK | 0o600, jail.image_dev)
-        os.chown(image, *jail.host_ids)
-        os.chmod(image, 0o400 if jail.read_only else 0o600)
+    os.close(os.open(image, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    _bind_from_container(jail.image_fd, ns_pidfd, image)
+    if stat.S_ISBLK(os.fstat(jail.image_fd).st_mode):  # the pool's node: its mode says read-only
+        s.mount(None, image, None, s.MS_REMOUNT | s.MS_BIND | s.MS_NOSUID | s.MS_NOEXEC)
     else:
-        os.close(os.open(image, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        _bind_from_container(jail.image_fd, ns_pidfd, image)
         s.mount(None, image, None, s.MS_REMOUNT | s.MS_BIND | s.MS_NOSUID | s.MS_NODEV | s.MS_NOEXEC
                 | (s.MS_RDONLY if jail.read_only else 0))  # fmt: skip
     s.mount(None, STAGE, None, s.MS_REMOUNT | s.MS_RDONLY | s.MS_NOSUID | s.MS_NOEXEC)
@@ -93,7 +91,8 @@ def build(jail: Jail, ns_pidfd: int) -> None:  # pragma: no cover - runs in the 
 
 
 def _bind_from_container(fd: int, ns_pidfd: int, where: str) -> None:  # pragma: no cover - launcher
-    """Bind the file `fd` (on a mount of the container's namespace) at `where`, by fd only.
+    """Bind the file `fd` (on a mount of the container's namespace, or a detached copy made there) at
+    `where`, by fd only.
 
     A mount can be cloned only from inside its own namespace: clone it there, come back, attach.
     """

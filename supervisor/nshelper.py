@@ -85,9 +85,9 @@ class Guard:
     cgroup directories, all opened by the supervisor outside the container's tree.
 
     The helper then asks for SIGTERM at its parent's death (not SIGKILL) and, on it, denies in
-    those cgroups every loop device (block major 7) and /dev/fuse the cgroup lists, and removes
-    every node: else a device that autoclear frees and the host binds again would still be
-    the container's to read.
+    those cgroups every loop device (block major 7) and /dev/fuse the cgroup lists, and disowns
+    and removes every node (fds kept on them open nothing any more): else a device that autoclear
+    frees and the host binds again would still be the container's to read.
     """
 
     op: ClassVar[str] = "guard"
@@ -186,7 +186,7 @@ class NsHelper:
         started: list[HelperProcess] = []
         try:
             started.append(minter.start())
-            caps = (prctl.CAP_SYS_ADMIN, prctl.CAP_SETUID, prctl.CAP_SETGID)
+            caps = (prctl.CAP_SYS_ADMIN, prctl.CAP_SETUID, prctl.CAP_SETGID, prctl.CAP_CHOWN)  # CHOWN: Guard
             started.append(HelperProcess.spawn("mw-nshelper", caps, lambda: _enter(pidfd), _OPS, keep=(pidfd,)))
             if staging_pidfd >= 0:
                 started.append(stager.start(staging_pidfd, landing_fd))
@@ -358,7 +358,18 @@ def _remove_all(dir_fd: int) -> None:  # pragma: no cover - in the helper
                     os.close(sub)
                 os.rmdir(name, dir_fd=dir_fd)
             else:
+                _disown(dir_fd, name)
                 os.unlink(name, dir_fd=dir_fd)
+
+
+def _disown(dir_fd: int, name: str) -> None:  # pragma: no cover - in the helper
+    """A device node goes host root's before it goes: see LoopPool on nodes kept by O_PATH fds."""
+    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        if stat.S_ISBLK(os.fstat(fd).st_mode):
+            fdops.disown(fd)
+    finally:
+        os.close(fd)
 
 
 def _land(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  # pragma: no cover - in the helper

@@ -9,6 +9,7 @@ as guards.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pwd
@@ -23,12 +24,13 @@ import pytest
 from conftest import write_policy
 from test_unprivileged import _as_user, ordinary_user, place  # noqa: F401 - fixtures
 
-# The attacker's process outside its container: it reaches the pool's node of its own bound
-# device through /proc/<pid>/root (its own processes: it owns their user namespace) and keeps
-# an O_PATH fd on it, which opens no device and holds nothing the pool can see.
+# The attacker's process outside its container: it reaches a node of the pool's through
+# /proc/<pid>/root (its own processes: it owns their user namespace) and keeps an O_PATH fd on it,
+# which opens no device and holds nothing the pool can see. argv: the chat directory and the
+# node's path under a process's root (a pool node, or the image in a FUSE daemon's jail).
 LURKER = r"""
 import os, stat, sys, time
-chat = sys.argv[1]
+chat, where = sys.argv[1], sys.argv[2]
 def wait(name):
     while not os.path.exists(os.path.join(chat, name)):
         time.sleep(0.05)
@@ -39,7 +41,7 @@ def say(name, text):
 kept = -1
 for pid in sorted(p for p in os.listdir("/proc") if p.isdigit()):
     try:
-        fd = os.open(f"/proc/{pid}/root/dev/.mountwarden/loop0", os.O_PATH)
+        fd = os.open(f"/proc/{pid}/root/{where}", os.O_PATH)
     except OSError:
         continue
     st = os.fstat(fd)
@@ -78,24 +80,37 @@ def _bound(minor: int) -> bool:
     return os.path.exists(f"/sys/block/loop{minor}/loop/backing_file")
 
 
-@pytest.mark.xfail(strict=True, reason="an ordinary user reopens a released pool node from outside its device cgroup")
+# How the device the lurker's node names stops being the container's: the container clears it,
+# the container ends with it bound (or, for a free slot's node, at all), serve is killed.
+_LET_GO = {
+    "cleared": "losetup -d /dev/loop0; touch {chat}/cleared; while [ ! -e {chat}/end ]; do sleep 0.05; done",
+    "container ended": "touch {chat}/cleared",
+    "serve killed": "touch {chat}/cleared; while [ ! -e {chat}/end ]; do sleep 0.05; done",
+}
+
+
+@pytest.mark.parametrize(
+    ("let_go", "node"),
+    [("cleared", "loop0"), ("container ended", "loop0"), ("container ended", "loop1"), ("serve killed", "loop0")],
+)
 def test_a_released_loop_device_is_not_the_users_to_reopen(
     ordinary_user: pwd.struct_passwd,  # noqa: F811 - a fixture
     place: Path,  # noqa: F811 - a fixture
     tmp_path: Path,
+    let_go: str,
+    node: str,
 ) -> None:
-    """Hole: the pool's nodes live on a host tmpfs without nodev (adopted.py) whose only wall is
-    the container's device cgroup. An ordinary user owns its container's user namespace, so a
-    process of its own in any cgroup (its login session allows every device) walks
-    /proc/<pid>/root/dev/.mountwarden/loop0 and keeps an O_PATH fd on the node of a device it
-    bound. O_PATH opens no device: the pool sees no holder, LOOP_CLR_FD retires the device,
-    autoclear detaches it, the quota comes back and the host gives the number to the next
-    user. Reopening /proc/self/fd/N then opens that user's disk (read, and write: 0660, ours).
+    """Hole (fixed): the pool's nodes live on a host tmpfs without nodev (adopted.py) whose only
+    wall was the container's device cgroup. An ordinary user owns its container's user
+    namespace, so a process of its own in any cgroup (its login session allows every device)
+    walks /proc/<pid>/root/dev/.mountwarden/loopN and keeps an O_PATH fd on a node: of a device
+    it bound, or of a free slot (the pool's placeholder device). O_PATH opens no device: the
+    pool sees no holder, the device is let go, autoclear detaches it and the host gives the
+    number to the next user. Reopening /proc/self/fd/N then opened that user's disk.
 
-    Fix: a host loop device number that a pool of an ordinary user's container has shown is
-    never handed back to the host: on release the pool rebinds it to an empty memfd and keeps
-    it (in that uid's quota) for later binds of the same uid only; or such a pool gets no
-    device nodes on a mount the user can reach outside the device cgroup."""
+    Fixed: a node is disowned (host root's, no access bits) before the device it names is let
+    go: by the pool when it replaces or releases it or closes, by the namespace helper's guard
+    when serve dies. The reopen is refused (EACCES) whoever's the device is by then."""
     uid, gid = ordinary_user.pw_uid, ordinary_user.pw_gid
     chat = place / "chat"
     chat.mkdir(mode=0o755)
@@ -107,25 +122,31 @@ def test_a_released_loop_device_is_not_the_users_to_reopen(
               "match": {"source": f"{place}/*.ext4", "target": "/**"}, "action": "kernel"}]  # fmt: skip
     policy = write_policy(tmp_path / "users.yaml", rules)
     script = (
-        f"losetup /dev/loop0 {place}/data.ext4 && touch {chat}/bound; "
-        f"while [ ! -e {chat}/clear ]; do sleep 0.05; done; losetup -d /dev/loop0; touch {chat}/cleared; "
-        f"while [ ! -e {chat}/end ]; do sleep 0.05; done"
+        f"losetup /dev/loop0 {place}/data.ext4 && touch {chat}/bound || exit 1; "
+        f"while [ ! -e {chat}/clear ]; do sleep 0.05; done; " + _LET_GO[let_go].format(chat=chat)
     )
-    minor = -1
-    with oci.serving(tmp_path, policy, control=place / "control.sock"):
+    result, minor = "", -1
+    with oci.serving(tmp_path, policy, control=place / "control.sock") as serve:
         run = _user_popen(ordinary_user, *oci.mountwarden_argv(), "run", "--name", "rt6-reuse", "--control-socket",
                           str(place / "control.sock"), "--", "/bin/sh", "-c", script)  # fmt: skip
         lurker = None
         try:
             _wait(lambda: (chat / "bound").exists() or run.poll() is not None, "the container's losetup")
             assert (chat / "bound").exists(), run.communicate()
-            lurker = _user_popen(ordinary_user, "/usr/bin/python3", str(place / "lurk.py"), str(chat))
+            lurker = _user_popen(
+                ordinary_user, "/usr/bin/python3", str(place / "lurk.py"), str(chat), f"dev/.mountwarden/{node}"
+            )
             _wait(lambda: (chat / "opened").exists(), "the lurker's O_PATH fd")
             opened = (chat / "opened").read_text()
             assert opened != "none", "the user reached no pool node from outside its container"
             minor = int(opened)
             (chat / "clear").touch()
-            _wait(lambda: (chat / "cleared").exists(), "LOOP_CLR_FD in the container")
+            _wait(lambda: (chat / "cleared").exists(), "the container letting the device go")
+            if let_go == "serve killed":
+                serve.proc.kill()
+                serve.proc.wait()
+            elif let_go == "container ended":
+                run.wait(timeout=60)
             _wait(lambda: not _bound(minor), f"loop{minor} detached")
             # Someone else (here the host) binds the free device to a disk of its own.
             subprocess.run(["losetup", f"/dev/loop{minor}", str(secret)], check=True)
@@ -133,14 +154,71 @@ def test_a_released_loop_device_is_not_the_users_to_reopen(
             _wait(lambda: (chat / "result").exists(), "the lurker's reopen")
             result = (chat / "result").read_text()
         finally:
-            (chat / "end").touch()
-            (chat / "reused").touch()
+            for name in ("clear", "end", "reused"):
+                (chat / name).touch()
             if lurker is not None:
                 lurker.wait(timeout=30)
             run.wait(timeout=60)
             if minor >= 0 and _bound(minor):
                 subprocess.run(["losetup", "-d", f"/dev/loop{minor}"], check=False)
-    assert result.startswith("denied"), f"the user's process outside the container: {result}"
+            if let_go == "serve killed":  # its containers' device cgroups: what the next serve does
+                subprocess.run([*oci.mountwarden_argv(), "gc"], check=True, capture_output=True)
+    assert result == f"denied {errno.EACCES}", f"the user's process outside the container: {result}"
+
+
+def test_a_fuse_daemons_image_node_is_not_the_users_to_reopen(
+    ordinary_user: pwd.struct_passwd,  # noqa: F811 - a fixture
+    place: Path,  # noqa: F811 - a fixture
+    tmp_path: Path,
+) -> None:
+    """The same, through a FUSE daemon's jail: the daemon for a mount of the container's loop
+    device runs as the container's root, so the user reaches its /image by /proc/<pid>/root.
+    That node is the pool's (LoopPool.jail_node), disowned with the slot's own when the
+    container clears the device."""
+    uid, gid = ordinary_user.pw_uid, ordinary_user.pw_gid
+    chat = place / "chat"
+    chat.mkdir(mode=0o755)
+    os.chown(chat, uid, gid)
+    (place / "lurk.py").write_text(LURKER)
+    secret = tmp_path / "secret.img"
+    secret.write_bytes(b"TOPSECRET-rt6 " * (1 << 16))
+    rules = [{"name": "user-fuse", "containers": {"host_uid": [uid]}, "match": {"target": "/**"}, "action": "fuse"}]
+    policy = write_policy(tmp_path / "users.yaml", rules)
+    script = (
+        f"losetup /dev/loop0 {place}/data.ext4 && mkdir -p /tmp/rt6 && mount -t ext4 /dev/loop0 /tmp/rt6 "
+        f"&& touch {chat}/bound || exit 1; while [ ! -e {chat}/clear ]; do sleep 0.05; done; "
+        f"umount /tmp/rt6 && losetup -d /dev/loop0; touch {chat}/cleared; "
+        f"while [ ! -e {chat}/end ]; do sleep 0.05; done"
+    )
+    result, minor = "", -1
+    with oci.serving(tmp_path, policy, control=place / "control.sock"):
+        run = _user_popen(ordinary_user, *oci.mountwarden_argv(), "run", "--name", "rt6-jail", "--control-socket",
+                          str(place / "control.sock"), "--", "/bin/sh", "-c", script)  # fmt: skip
+        lurker = None
+        try:
+            _wait(lambda: (chat / "bound").exists() or run.poll() is not None, "the container's FUSE mount")
+            assert (chat / "bound").exists(), run.communicate()
+            lurker = _user_popen(ordinary_user, "/usr/bin/python3", str(place / "lurk.py"), str(chat), "image")
+            _wait(lambda: (chat / "opened").exists(), "the lurker's O_PATH fd")
+            opened = (chat / "opened").read_text()
+            assert opened != "none", "the user reached no FUSE daemon's image from outside its container"
+            minor = int(opened)
+            (chat / "clear").touch()
+            _wait(lambda: (chat / "cleared").exists(), "the container letting the device go")
+            _wait(lambda: not _bound(minor), f"loop{minor} detached")
+            subprocess.run(["losetup", f"/dev/loop{minor}", str(secret)], check=True)
+            (chat / "reused").touch()
+            _wait(lambda: (chat / "result").exists(), "the lurker's reopen")
+            result = (chat / "result").read_text()
+        finally:
+            for name in ("clear", "end", "reused"):
+                (chat / name).touch()
+            if lurker is not None:
+                lurker.wait(timeout=30)
+            run.wait(timeout=60)
+            if minor >= 0 and _bound(minor):
+                subprocess.run(["losetup", "-d", f"/dev/loop{minor}"], check=False)
+    assert result == f"denied {errno.EACCES}", f"the user's process outside the container: {result}"
 
 
 # The attacker's control client: `count` connections, each one request that is JSON but not an

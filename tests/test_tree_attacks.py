@@ -205,9 +205,10 @@ def test_helpers_are_named_and_keep_only_the_capabilities_they_use(tmp_path: Pat
             children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
             helpers = {_status(int(pid))["Name"]: int(pid) for pid in children}
             assert {"mw-nshelper", "mw-minter"} <= set(helpers), helpers
-            cap = {"CAP_SETGID": 6, "CAP_SETUID": 7, "CAP_SYS_ADMIN": 21, "CAP_MKNOD": 27}
+            cap = {"CAP_CHOWN": 0, "CAP_SETGID": 6, "CAP_SETUID": 7, "CAP_SYS_ADMIN": 21, "CAP_MKNOD": 27}
             expected = {
-                "mw-nshelper": (1 << cap["CAP_SYS_ADMIN"]) | (1 << cap["CAP_SETUID"]) | (1 << cap["CAP_SETGID"]),
+                "mw-nshelper": (1 << cap["CAP_SYS_ADMIN"]) | (1 << cap["CAP_SETUID"]) | (1 << cap["CAP_SETGID"])
+                | (1 << cap["CAP_CHOWN"]),
                 "mw-minter": (1 << cap["CAP_SYS_ADMIN"]) | (1 << cap["CAP_MKNOD"]),
             }
             for name, mask in expected.items():

@@ -17,6 +17,7 @@ from .. import syscalls as s
 from ..call import Call
 from ..errors import KernelError
 from ..image import ImageSource, pool_of
+from ..loop import device as loop_device
 from ..mountopts import MountOptions
 from ..nshelper import Attach
 from ..paths import Resolved
@@ -37,15 +38,26 @@ def handoff(
     assert t.creds is not None
     host_ids = (t.creds.uid, t.creds.gid)
     ids = (host_ids[0] - session.owner[0], host_ids[1] - session.owner[1])
+    if src.slot is not None and not opts.read_only and loop_device.read_only(src.slot.host.fd):
+        # As the kernel answers a read-write mount of a read-only block device: mount(8) then
+        # says "write-protected, mounting read-only" and asks again with MS_RDONLY.
+        raise KernelError(errno.EACCES, "the loop device is read-only; mount it read-only", src.policy_path)
+    pool = pool_of(call)
+    pool.ensure_fuse()  # the device cgroup grant the daemon needs
     if src.slot is not None:
-        jail = fuse_jail.Jail(-1, src.slot.host.rdev, read_only, ids, host_ids)
+        node = pool.jail_node(src.slot, host_ids, 0o400 if read_only else 0o600)
+        jail = fuse_jail.Jail(node, read_only, ids, host_ids)
     else:
-        jail = fuse_jail.Jail(src.image.fd, 0, read_only, ids, host_ids)
-    pool_of(call).ensure_fuse()  # the device cgroup grant the daemon needs
-    t.check()
-    daemon, stderr = fuse.start(
-        program, jail, sorted(opts.attrs), target=where.path, ns_pidfd=session.pidfd, cgroups=session.cgroup_paths
-    )
+        node = -1
+        jail = fuse_jail.Jail(src.image.fd, read_only, ids, host_ids)
+    try:
+        t.check()
+        daemon, stderr = fuse.start(
+            program, jail, sorted(opts.attrs), target=where.path, ns_pidfd=session.pidfd, cgroups=session.cgroup_paths
+        )
+    finally:
+        if node >= 0:
+            os.close(node)
     call.audit.update(daemon=name, daemon_pid=daemon.pid)
     daemon.attrs = (
         opts.attr_flags | s.MOUNT_ATTR_NOSUID | s.MOUNT_ATTR_NODEV | (s.MOUNT_ATTR_RDONLY if read_only else 0)

@@ -12,6 +12,13 @@ The container holds nodes only for what is its own:
   device is bound to its file and the node is replaced; an fd opened before still refers to the
   placeholder and is recognised by its inode.
 
+Every node the pool makes (these, and the ones a FUSE daemon's jail binds) is disowned, made host
+root's with no access bits, the moment it stops naming a device of the container's: when it is
+replaced, removed, or the slot released, and at close. Someone who kept a way to it (an O_PATH
+fd, which opens nothing and holds no device; a bind; a way in through /proc/<pid>/root, which
+an ordinary user has to its own container) could otherwise open it again once the host device
+behind its number is someone else's. Disowning comes before the pool lets go of the device.
+
 Lifetime: every host device is configured with autoclear, and the pool holds one fd on each
 bound device. Releasing a slot closes that fd; the kernel detaches the device once the
 container's own fds and mounts on it are gone. If the supervisor dies, its fds close and the
@@ -40,7 +47,7 @@ import errno
 import os
 import stat
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from .. import fdops
@@ -73,6 +80,7 @@ class Slot:
     """Container loop device N: free (device None) or bound to a host device."""
 
     number: int
+    node_fd: int  # O_PATH on the inode /dev/loopN is now, to disown it when it is replaced
     node_ino: int
     device: LoopDevice | None = None
     backing_path: str = ""
@@ -80,6 +88,7 @@ class Slot:
     partscan: bool = False  # what the container asked for; never set on the host device
     ticket: quota.Ticket | None = None
     backing_origin: SourceOrigin = "container"  # judged when bound, never re-read (supervisor/origin.py)
+    jail_nodes: list[tuple[str, int]] = field(default_factory=list)  # (name, O_PATH fd) of the bound device
 
     @property
     def host(self) -> LoopDevice:
@@ -144,6 +153,7 @@ class LoopPool:
         self.control_ino = -1
         self.placeholder: LoopDevice | None = None
         self._memfd = -1
+        self._jail_serial = 0
 
     # --- set-up and teardown -------------------------------------------------------------
 
@@ -152,7 +162,8 @@ class LoopPool:
         self._memfd = os.memfd_create("mountwarden-free-loop", os.MFD_CLOEXEC)
         self.placeholder = attach(self._memfd, read_only=False, name="mountwarden free loop device")
         self._grant(self.placeholder.rdev)
-        self.control_ino = self._make_node("loop-control", stat.S_IFCHR, os.makedev(1, 3))
+        control, self.control_ino = self._make_node("loop-control", stat.S_IFCHR, os.makedev(1, 3))
+        os.close(control)
         for number in range(self.limit):
             self._add(number)
 
@@ -175,6 +186,9 @@ class LoopPool:
                     raise
                 on_error(f"releasing /dev/loop{slot.number}")
                 slot.host.close()
+        for slot in self.slots.values():  # the placeholder's nodes, now all of them
+            self._disown(slot.node_fd)
+            slot.node_fd = -1
         if self.placeholder is not None:
             numbers.append(self.placeholder.number)
             clear_read_only(self.placeholder.fd)
@@ -220,7 +234,7 @@ class LoopPool:
         try:
             os.stat("fuse", dir_fd=self.dev_fd, follow_symlinks=False)
         except FileNotFoundError:
-            self._make_node("fuse", stat.S_IFCHR, os.makedev(10, 229), 0o666)
+            os.close(self._make_node("fuse", stat.S_IFCHR, os.makedev(10, 229), mode=0o666)[0])
             for group in self.cgroups:
                 group.allow(("c", 10, 229))
 
@@ -281,6 +295,7 @@ class LoopPool:
             raise KernelError(errno.EBUSY, f"/dev/loop{number} is bound")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(f"loop{number}", dir_fd=self.dev_fd)
+        self._disown(slot.node_fd)
         self.sysview.remove(number)
         del self.slots[number]
 
@@ -345,10 +360,27 @@ class LoopPool:
         if slot is not None and slot.autoclear:
             self._release(slot)
 
+    def jail_node(self, slot: Slot, owner: tuple[int, int], mode: int) -> int:
+        """A node of the slot's bound device for a FUSE daemon's jail (an O_PATH fd the caller closes).
+
+        Made here, not in the jail, so that it is disowned with the slot's own node: the daemon
+        runs as the container's root, whose host owner may reach the jail (/proc/<pid>/root).
+        """
+        self._jail_serial += 1
+        name = f"{PRIVATE_DIR}/jail-loop{slot.number}-{self._jail_serial}"
+        fd, _ = self._make_node(name, stat.S_IFBLK, slot.host.rdev, owner=owner, mode=mode)
+        slot.jail_nodes.append((name, fd))
+        return os.dup(fd)
+
     def _release(self, slot: Slot) -> None:
         device = slot.host
         assert self.placeholder is not None
         self._replace_node(slot, self.placeholder.rdev)
+        for name, fd in slot.jail_nodes:
+            self._disown(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=self.dev_fd)
+        slot.jail_nodes = []
         self.sysview.unbind(slot.number, device.rdev, self.placeholder.rdev)
         self._revoke(device.rdev)
         clear_read_only(device.fd)
@@ -363,22 +395,41 @@ class LoopPool:
 
     def _add(self, number: int) -> None:
         assert self.placeholder is not None
-        ino = self._make_node(f"loop{number}", stat.S_IFBLK, self.placeholder.rdev)
-        self.slots[number] = Slot(number, ino)
+        fd, ino = self._make_node(f"loop{number}", stat.S_IFBLK, self.placeholder.rdev)
+        self.slots[number] = Slot(number, fd, ino)
         self.by_ino[ino] = number
         self.sysview.add(number, self.placeholder.rdev)
 
     def _replace_node(self, slot: Slot, rdev: int) -> None:
-        """Swap /dev/loopN for a node of `rdev` in one rename, so the name never dangles."""
-        ino = self._make_node(f"{PRIVATE_DIR}/loop{slot.number}", stat.S_IFBLK, rdev)
-        os.rename(
-            f"{PRIVATE_DIR}/loop{slot.number}", f"loop{slot.number}", src_dir_fd=self.dev_fd, dst_dir_fd=self.dev_fd
-        )
-        slot.node_ino = ino
+        """Swap /dev/loopN for a node of `rdev` in one rename, so the name never dangles; the
+        node replaced is disowned."""
+        fd, ino = self._make_node(f"{PRIVATE_DIR}/loop{slot.number}", stat.S_IFBLK, rdev)
+        try:
+            os.rename(
+                f"{PRIVATE_DIR}/loop{slot.number}", f"loop{slot.number}", src_dir_fd=self.dev_fd,
+                dst_dir_fd=self.dev_fd,
+            )  # fmt: skip
+        except BaseException:
+            os.close(fd)
+            raise
+        old, slot.node_fd, slot.node_ino = slot.node_fd, fd, ino
         self.by_ino[ino] = slot.number
+        self._disown(old)
 
-    def _make_node(self, name: str, kind: int, rdev: int, mode: int = NODE_MODE) -> int:
-        """mknod in the pool's private copy of /dev, then chown/chmod that very inode (by fd)."""
+    @staticmethod
+    def _disown(fd: int) -> None:
+        if fd >= 0:
+            try:
+                fdops.disown(fd)
+            finally:
+                os.close(fd)
+
+    def _make_node(
+        self, name: str, kind: int, rdev: int, *, owner: tuple[int, int] | None = None, mode: int = NODE_MODE
+    ) -> tuple[int, int]:
+        """mknod in the pool's private copy of /dev, then chown/chmod that very inode (by fd).
+
+        Returns an O_PATH fd on the node and its inode number."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name, dir_fd=self.dev_fd)
         os.mknod(name, kind | 0o600, rdev, dir_fd=self.dev_fd)
@@ -387,10 +438,11 @@ class LoopPool:
             st = os.fstat(fd)
             if stat.S_IFMT(st.st_mode) != kind or st.st_rdev != rdev:
                 raise KernelError(errno.EEXIST, "another file took the place of a new device node", f"/dev/{name}")
-            fdops.set_owner(fd, *self.owner, mode)
-        finally:
+            fdops.set_owner(fd, *(owner or self.owner), mode)
+        except BaseException:
             os.close(fd)
-        return st.st_ino
+            raise
+        return fd, st.st_ino
 
     def _grant(self, rdev: int) -> None:
         for group in self.cgroups:
