@@ -1,0 +1,275 @@
+"""Seventh red-team pass: ordinary host users after the node-disowning fix (issue 11).
+
+The attacker is an ordinary host account U running `mountwarden run --control-socket`: its
+container's root is U itself, so U's own processes outside the container (unfiltered, in a
+cgroup that allows every device) reach the pool's nodes through /proc/<pid>/root and may open
+them (mode 0660, owner U). Each hole found is a test that asserts the safe behaviour and is
+marked xfail (strict) until fixed, its docstring saying what is wrong and the fix; attacks that
+failed stay as guards.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import subprocess
+from pathlib import Path
+
+import oci
+import pytest
+from conftest import build_image, make_tree, write_policy
+from test_redteam6 import _bound, _user_popen, _wait
+from test_unprivileged import ordinary_user, place  # noqa: F401 - fixtures
+
+# The attacker's process outside its container. argv: the chat directory, the node's name under
+# /dev/.mountwarden, what to do with it, and an argument. It finds the node through the root of
+# any process of its own, opens it (no O_PATH: a real open, which the device cgroup of its own
+# session allows) and issues loop ioctls that no seccomp filter sees.
+OUTSIDE = r"""
+import fcntl, os, stat, struct, sys, time
+LOOP_SET_STATUS64, LOOP_GET_STATUS64, LOOP_CHANGE_FD = 0x4C04, 0x4C05, 0x4C06
+LO_FLAGS_AUTOCLEAR, LO_FLAGS_PARTSCAN = 4, 8
+chat, node, what, arg = sys.argv[1:5]
+def wait(name):
+    while not os.path.exists(os.path.join(chat, name)):
+        time.sleep(0.02)
+def say(name, text):
+    with open(os.path.join(chat, name + ".tmp"), "w") as f:
+        f.write(text)
+    os.rename(os.path.join(chat, name + ".tmp"), os.path.join(chat, name))
+path = None
+for pid in sorted(p for p in os.listdir("/proc") if p.isdigit()):
+    candidate = f"/proc/{pid}/root/dev/.mountwarden/{node}"
+    try:
+        st = os.stat(candidate)
+    except OSError:
+        continue
+    if stat.S_ISBLK(st.st_mode) and os.major(st.st_rdev) == 7:
+        path = candidate
+        break
+if path is None:
+    say("result", "no node")
+    sys.exit(0)
+minor = os.minor(os.stat(path).st_rdev)
+def set_flags(fd, add, remove):
+    info = bytearray(232)  # struct loop_info64; lo_flags at offset 52
+    fcntl.ioctl(fd, LOOP_GET_STATUS64, info, True)
+    flags = (struct.unpack_from("<I", info, 52)[0] | add) & ~remove
+    struct.pack_into("<I", info, 52, flags)
+    fcntl.ioctl(fd, LOOP_SET_STATUS64, bytes(info))
+try:
+    if what == "partscan":
+        fd = os.open(path, os.O_RDWR)
+        set_flags(fd, LO_FLAGS_PARTSCAN, 0)
+        os.close(fd)
+        say("result", f"done {minor}")
+    elif what == "change-fd":
+        fd = os.open(path, os.O_RDONLY)
+        new = os.open(arg, os.O_RDONLY)
+        fcntl.ioctl(fd, LOOP_CHANGE_FD, new)
+        os.close(new)
+        os.close(fd)
+        say("result", f"done {minor}")
+    elif what == "no-autoclear":
+        fd = os.open(path, os.O_RDWR)
+        set_flags(fd, 0, LO_FLAGS_AUTOCLEAR)
+        os.close(fd)
+        say("result", f"done {minor}")
+    elif what == "pin":
+        fd = os.open(path, os.O_RDONLY)
+        say("result", f"done {minor}")
+        wait("end")
+except OSError as exc:
+    say("result", f"denied {exc.errno}")
+"""
+
+
+def _attack(
+    user: pwd.struct_passwd, where: Path, tmp_path: Path, rules: list[dict[str, object]], name: str,
+    script: str, outside: list[str], during: str = "", after: str = "",
+) -> tuple[str, str, int]:  # fmt: skip
+    """Run `script` in U's container (served by root's serve); once it touched {chat}/ready, run
+    the outside process with `outside`, then touch {chat}/go. Returns the outside process's
+    result, the container's output and the host minor the outside process reached (-1 if none).
+
+    `during` runs (as root, a shell line with {minor}; its output is added to the container's)
+    before {chat}/go, `after` once the container has ended, while the outside process lives."""
+    uid, gid = user.pw_uid, user.pw_gid
+    chat = where / "chat"
+    chat.mkdir(mode=0o755)
+    os.chown(chat, uid, gid)
+    (where / "outside.py").write_text(OUTSIDE)
+    policy = write_policy(tmp_path / "users.yaml", rules)
+    result, output, minor, seen = "", "", -1, ""
+    with oci.serving(tmp_path, policy, control=where / "control.sock"):
+        run = _user_popen(user, *oci.mountwarden_argv(), "run", "--name", name, "--control-socket",
+                          str(where / "control.sock"), "--", "/bin/sh", "-c", script.format(chat=chat))  # fmt: skip
+        lurker = None
+        try:
+            _wait(lambda: (chat / "ready").exists() or run.poll() is not None, "the container")
+            assert (chat / "ready").exists(), run.communicate()
+            lurker = _user_popen(user, "/usr/bin/python3", str(where / "outside.py"), str(chat), *outside)
+            _wait(lambda: (chat / "result").exists(), "the outside process")
+            result = (chat / "result").read_text()
+            if result.startswith("done"):
+                minor = int(result.split()[1])
+            if during and minor >= 0:
+                seen = _host(during.format(minor=minor))
+            (chat / "go").touch()
+            output = run.communicate(timeout=60)[0]
+            if after and minor >= 0:
+                seen += _host(after.format(minor=minor))
+        finally:
+            for mark in ("go", "end"):
+                (chat / mark).touch()
+            if lurker is not None:
+                lurker.wait(timeout=30)
+            if run.poll() is None:
+                run.kill()
+            run.wait(timeout=60)
+    return result, output + seen, minor
+
+
+def _host(line: str) -> str:
+    return subprocess.run(["sh", "-c", line], capture_output=True, text=True, check=False).stdout
+
+
+def _mbr_image(path: Path, owner: pwd.struct_passwd) -> None:
+    """4 MiB with one MBR partition (type 83, sectors 2048-6143): what a partition scan would find."""
+    data = bytearray(4 << 20)
+    entry = 446
+    data[entry + 4] = 0x83
+    data[entry + 8 : entry + 12] = (2048).to_bytes(4, "little")
+    data[entry + 12 : entry + 16] = (4096).to_bytes(4, "little")
+    data[510:512] = b"\x55\xaa"
+    path.write_bytes(bytes(data))
+    os.chown(path, owner.pw_uid, owner.pw_gid)
+
+
+WAIT_GO = "while [ ! -e {chat}/go ]; do sleep 0.05; done"
+
+
+@pytest.mark.xfail(strict=True, reason="U sets LO_FLAGS_PARTSCAN on a host device from outside the filter")
+def test_partition_scanning_is_never_set_on_a_host_device_from_outside(
+    ordinary_user: pwd.struct_passwd,  # noqa: F811 - a fixture
+    place: Path,  # noqa: F811 - a fixture
+    tmp_path: Path,
+) -> None:
+    """Hole: the pool promises LO_FLAGS_PARTSCAN is never set on a host device (the host's
+    partition parsers and udev rules would run on the container's bytes), and answers the
+    container's LOOP_SET_STATUS64 itself. But the kernel asks nothing of LOOP_SET_STATUS64 but an
+    fd open for writing, and U opens /dev/.mountwarden/loopN (0660, its own) from a process of its
+    own outside the container, which no seccomp filter sees (so could any fd of the container's,
+    taken with pidfd_getfd or sent over a socket). The host then scans and shows loopXp1.
+
+    Fix: U must never hold an unfiltered fd of a host loop device, since the kernel gates every
+    loop ioctl (LOOP_SET_STATUS64, LOOP_CHANGE_FD, LOOP_CLR_FD, LOOP_SET_CAPACITY/BLOCK_SIZE/
+    DIRECT_IO) on the open alone. Give the container a node of a device whose ioctls need host
+    privilege instead: a device-mapper linear target over the loop device that is one sector
+    shorter than it (dm_blk_ioctl then forwards ioctls only to CAP_SYS_RAWIO, linear_prepare_ioctl
+    returns 1) or, where the kernel has the BPF LSM, a file_ioctl program serve attaches that
+    refuses loop ioctls (0x4C00-0x4CFF) on the pool's host devices to every task but serve's.
+
+    (This machine's kernel finds no partition even in `losetup -P` of the image by host root, so
+    the test reads the flag, /sys/block/loopX/loop/partscan, not the partitions.)"""
+    image = place / "parted.img"
+    _mbr_image(image, ordinary_user)
+    script = f"losetup /dev/loop0 {image} && touch {{chat}}/ready; {WAIT_GO}; losetup -d /dev/loop0"
+    during = "cat /sys/block/loop{minor}/loop/partscan"
+    result, output, _ = _attack(
+        ordinary_user, place, tmp_path, [], "rt7-partscan", script, ["loop0", "partscan", "-"], during=during
+    )
+    assert output.split() in (["0"], []), f"outside: {result}; the host device's partscan: {output}"
+
+
+@pytest.mark.xfail(strict=True, reason="U swaps a read-only loop device's backing file from outside the filter")
+def test_the_kernel_mounts_only_the_file_the_policy_judged(
+    ordinary_user: pwd.struct_passwd,  # noqa: F811 - a fixture
+    place: Path,  # noqa: F811 - a fixture
+    tmp_path: Path,
+) -> None:
+    """Hole: a rule lets U's container kernel-mount one trusted image (host root's, read-only to
+    U). The container binds it read-only; U's process outside the container opens the node (read
+    access is enough) and calls LOOP_CHANGE_FD with a file of its own of the same size: the kernel
+    allows that on any read-only loop device to whoever has it open, no capability asked. The
+    pool judged the source when it was bound and never looks again, so the container's
+    `mount /dev/loop0` is served as the trusted image while the host's ext4 driver (as host root,
+    no FS_USERNS_MOUNT) parses U's bytes: the policy's whole point, which images the host kernel
+    parses, is void for ordinary users.
+
+    Fix: as for partition scanning, U must hold no unfiltered fd of a pool device (a dm linear
+    target one sector short of the loop device, or a BPF-LSM file_ioctl refusal). Short of that,
+    never mount the container's device itself: for a kernel (or FUSE) mount of /dev/loopN, bind a
+    fresh host loop device that never has a node the container can reach to the backing fd the
+    pool judged (keep that fd in the Slot), with the slot's offset, size limit and read-only flag,
+    and mount that."""
+    evil_tree = make_tree(tmp_path / "evil", {"pub.txt": "EVIL\n"})
+    evil = build_image("ext4", evil_tree, place / "evil.ext4")
+    os.chown(evil, ordinary_user.pw_uid, ordinary_user.pw_gid)
+    rules = [{"name": "trusted-image", "containers": {"host_uid": [ordinary_user.pw_uid]},
+              "match": {"source": f"{place}/data.ext4", "target": "/**"}, "action": "kernel"}]  # fmt: skip
+    script = (
+        f"losetup -r /dev/loop0 {place}/data.ext4 && touch {{chat}}/ready; {WAIT_GO}; "
+        "mount -o ro /dev/loop0 /mnt && cat /mnt/pub.txt && umount /mnt; losetup -d /dev/loop0"
+    )
+    result, output, _ = _attack(
+        ordinary_user, place, tmp_path, rules, "rt7-changefd", script, ["loop0", "change-fd", str(evil)]
+    )
+    assert output.split() == ["public"], f"outside: {result}; the container read: {output}"
+
+
+@pytest.mark.xfail(strict=True, reason="U keeps host loop devices bound past its container's end")
+@pytest.mark.parametrize(
+    ("node", "what", "script"),
+    [
+        ("loop1", "pin", "touch {chat}/ready; " + WAIT_GO),
+        (
+            "loop0",
+            "no-autoclear",
+            "losetup /dev/loop0 {image} && touch {chat}/ready; " + WAIT_GO + "; losetup -d /dev/loop0",
+        ),
+    ],
+    ids=["placeholder held open", "autoclear cleared"],
+)
+def test_a_containers_end_leaves_no_host_loop_device_bound(
+    ordinary_user: pwd.struct_passwd,  # noqa: F811 - a fixture
+    place: Path,  # noqa: F811 - a fixture
+    tmp_path: Path,
+    node: str,
+    what: str,
+    script: str,
+) -> None:
+    """Hole: U's process outside the container keeps host loop devices bound after the container
+    ended, beyond any limit:
+
+    * placeholder held open: a free slot's node is the pool's placeholder, a host device bound to
+      an empty memfd with no quota ticket. U opens it from outside and keeps the fd; the pool
+      closes its own, the kernel keeps the device bound for U. One device per container U starts,
+      none counted: U repeats `run` and pins as many host loop devices as it likes.
+    * autoclear cleared: U's process clears LO_FLAGS_AUTOCLEAR (LOOP_SET_STATUS64 on a node it may
+      write) of a device its container bound; when the container clears it the pool only closes
+      its fd, so the device stays bound to U's file for good, with nobody left to open it (the node
+      is disowned). Its quota ticket is never returned either (Session.close logs it stuck, the
+      pool is dropped with the ticket's fd open in serve): U's share is gone until serve restarts,
+      and then the devices are still bound.
+
+    Fix: the placeholder must not be per container, nor U's to hold: one placeholder for the
+    whole of serve (bound read-only to an empty memfd at start), or, better, the same remedy as for
+    the ioctls (no unfiltered fd of a pool device in U's hands: dm linear nodes). For autoclear:
+    before closing a released device's fd, the pool calls LOOP_CLR_FD itself (which sets autoclear
+    again and detaches at the last close) and re-checks the flag; retired devices whose binding
+    outlives the session keep being watched (and their tickets released) by serve, not dropped."""
+    image = place / "mine.img"
+    image.write_bytes(bytes(1 << 20))
+    os.chown(image, ordinary_user.pw_uid, ordinary_user.pw_gid)
+    after = "sleep 1; cat /sys/block/loop{minor}/loop/backing_file 2>/dev/null || echo detached"
+    minor = -1
+    try:
+        result, output, minor = _attack(
+            ordinary_user, place, tmp_path, [], f"rt7-{what}", script.replace("{image}", str(image)),
+            [node, what, "-"], after=after,
+        )  # fmt: skip
+    finally:
+        if minor >= 0 and _bound(minor):
+            subprocess.run(["losetup", "-d", f"/dev/loop{minor}"], check=False)
+    assert result.startswith("done") and output.split()[-1] == "detached", f"outside: {result}; then: {output}"
