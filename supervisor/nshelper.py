@@ -95,6 +95,27 @@ class Guard:
 
 
 @dataclass(frozen=True)
+class Keep:
+    """Hold fds[0], host loop device `number` that the pool shows the container, until LetGo.
+
+    If the supervisor dies, the device then stays bound until the guard has disowned its nodes:
+    detached first (by its last other opener's close), it could be opened unbound through a
+    node not yet disowned, and read once the host binds it again.
+    """
+
+    op: ClassVar[str] = "keep"
+    number: int
+
+
+@dataclass(frozen=True)
+class LetGo:
+    """Close the fd Keep holds on host loop device `number` (its nodes are disowned by now)."""
+
+    op: ClassVar[str] = "let-go"
+    number: int
+
+
+@dataclass(frozen=True)
 class Land:
     """Clone the mount in slot `slot` of the landing (fds[0], the container's copy of it), check it
     is on device `dev`, make the clone private and attach it on fds[1]. Replies with its mount id.
@@ -164,7 +185,7 @@ class CloneViews:
     paths: list[str]
 
 
-Request = Mount | Attach | FuseMount | Guard | Land | Unmount | SetAttr | Reconfigure | CloneViews
+Request = Mount | Attach | FuseMount | Guard | Keep | LetGo | Land | Unmount | SetAttr | Reconfigure | CloneViews
 
 
 class NsHelper:
@@ -257,6 +278,14 @@ class NsHelper:
         """See Guard."""
         self.call(Guard(os.getpid()), (nodes_fd, *cgroup_dirs))
 
+    def keep(self, device_fd: int, number: int) -> None:
+        """See Keep."""
+        self.call(Keep(number), (device_fd,))
+
+    def let_go(self, number: int) -> None:
+        """See LetGo."""
+        self.call(LetGo(number))
+
     def clone_views(self, root_fd: int, paths: list[str]) -> dict[str, int]:
         """Private detached copies of the container's mounts at `paths`; absent ones are left out."""
         reply, got = self.helper.call({"op": CloneViews.op, "paths": paths}, (root_fd,))
@@ -311,6 +340,22 @@ def _fuse_mount(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:
 
 
 _guarded: list[int] = []  # in the helper: Guard's fds
+_kept: dict[int, int] = {}  # in the helper: Keep's fds by host device number
+
+
+def _keep(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  # pragma: no cover - in the helper
+    number = int(req["number"])
+    if number in _kept:
+        os.close(_kept.pop(number))
+    _kept[number] = os.dup(fds[0])
+    return {}, []
+
+
+def _let_go(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  # pragma: no cover - in the helper
+    fd = _kept.pop(int(req["number"]), -1)
+    if fd >= 0:
+        os.close(fd)
+    return {}, []
 
 
 def _guard(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]:  # pragma: no cover - in the helper
@@ -345,6 +390,9 @@ def _take_back() -> None:  # pragma: no cover - in the helper
                 finally:
                     os.close(deny)
     _remove_all(nodes)
+    for fd in _kept.values():  # only now may the devices detach
+        os.close(fd)
+    _kept.clear()
 
 
 def _remove_all(dir_fd: int) -> None:  # pragma: no cover - in the helper
@@ -507,5 +555,6 @@ def _clone_views(req: dict[str, Any], fds: list[int]) -> tuple[Reply, list[int]]
 
 _OPS: Final = {
     Mount.op: _attach, Attach.op: _attach_as_is, FuseMount.op: _fuse_mount, Guard.op: _guard, Land.op: _land,
+    Keep.op: _keep, LetGo.op: _let_go,
     Unmount.op: _umount, SetAttr.op: _setattr, Reconfigure.op: _reconfigure, CloneViews.op: _clone_views,
 }  # fmt: skip

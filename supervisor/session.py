@@ -24,7 +24,7 @@ from .audit import AuditLimiter
 from .cgroup import DeviceCgroup
 from .errors import KernelError
 from .fuse import FuseDaemon
-from .loop.pool import LoopPool
+from .loop.pool import Keeper, LoopPool
 from .loop.sysview import SysView
 from .nshelper import NsHelper
 from .origin import Tree
@@ -132,7 +132,7 @@ class Session:
         self.check_alive()
         kept, sysview = adopted.views(self.nshelper(), self.init_pid, owner, names, self.check_alive)
         self._dirs.extend(kept)
-        self._open_pool(kept[0], sysview, cgroups)
+        self._open_pool(kept[0], sysview, cgroups, keeper=self.nshelper())
         with contextlib.ExitStack() as stack:
             nodes = _closing(stack, os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=kept[0]))
             groups = [_closing(stack, os.open(g.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)) for g in cgroups]
@@ -160,7 +160,9 @@ class Session:
         if select.select([self.pidfd], [], [], 0)[0]:
             raise KernelError(errno.ESRCH, "the container's init exited while it was being set up")
 
-    def _open_pool(self, dev: int, sysview: SysView, cgroups: Sequence[DeviceCgroup]) -> None:
+    def _open_pool(
+        self, dev: int, sysview: SysView, cgroups: Sequence[DeviceCgroup], keeper: Keeper | None = None
+    ) -> None:
         self.pool = LoopPool(
             dev_fd=dev,
             sysview=sysview,
@@ -169,6 +171,7 @@ class Session:
             host_uid=self.owner[0] if self.info.host_uid is None else self.info.host_uid,
             per_uid_limit=self.policy.limits.loop_devices_per_host_uid,
             cgroups=cgroups,
+            keeper=keeper,
         )
         self.pool.start()
 

@@ -53,6 +53,25 @@ if kept < 0:
     say("opened", "none")
     sys.exit(0)
 say("opened", str(os.minor(os.fstat(kept).st_rdev)))
+if len(sys.argv) > 3:  # spin: be the last to close the device, then reopen it unbound
+    import fcntl
+    wait("spin")
+    deadline, seen = time.monotonic() + 3, "never unbound"
+    while time.monotonic() < deadline:
+        try:
+            dev = os.open(f"/proc/self/fd/{kept}", os.O_RDONLY)
+        except OSError as exc:
+            seen = f"denied {exc.errno}"
+            break
+        try:
+            fcntl.ioctl(dev, 0x4C05, bytes(232))  # LOOP_GET_STATUS64
+        except OSError:
+            seen = "an fd on the unbound device"
+            break
+        finally:
+            os.close(dev)
+    say("result", seen)
+    sys.exit(0)
 wait("reused")
 try:
     dev = os.open(f"/proc/self/fd/{kept}", os.O_RDONLY)
@@ -164,6 +183,56 @@ def test_a_released_loop_device_is_not_the_users_to_reopen(
             if let_go == "serve killed":  # its containers' device cgroups: what the next serve does
                 subprocess.run([*oci.mountwarden_argv(), "gc"], check=True, capture_output=True)
     assert result == f"denied {errno.EACCES}", f"the user's process outside the container: {result}"
+
+
+def test_after_serve_is_killed_the_user_gets_no_fd_on_an_unbound_pool_device(
+    ordinary_user: pwd.struct_passwd,  # noqa: F811 - a fixture
+    place: Path,  # noqa: F811 - a fixture
+    tmp_path: Path,
+) -> None:
+    """Red-team pass 7: when serve dies, its fds on the pool's devices close before the guard
+    disowns the nodes. A user spinning open/close on a node it reaches is then the last to
+    close a device, which detaches, and its next open through the node not yet disowned holds
+    an unbound device, which LOOP_CTL_GET_FREE hands to the next host user. The guard holds
+    its own fd on every device the pool shows (nshelper.Keep) and closes them only after
+    disowning: the spinner meets a bound device, then EACCES."""
+    uid, gid = ordinary_user.pw_uid, ordinary_user.pw_gid
+    chat = place / "chat"
+    chat.mkdir(mode=0o755)
+    os.chown(chat, uid, gid)
+    (place / "lurk.py").write_text(LURKER)
+    rules = [{"name": "user-ext4", "containers": {"host_uid": [uid]},
+              "match": {"source": f"{place}/*.ext4", "target": "/**"}, "action": "kernel"}]  # fmt: skip
+    policy = write_policy(tmp_path / "users.yaml", rules)
+    script = (
+        f"losetup /dev/loop0 {place}/data.ext4 && touch {chat}/bound || exit 1; "
+        f"while [ ! -e {chat}/end ]; do sleep 0.05; done"
+    )
+    result = ""
+    with oci.serving(tmp_path, policy, control=place / "control.sock") as serve:
+        run = _user_popen(ordinary_user, *oci.mountwarden_argv(), "run", "--name", "rt6-spin", "--control-socket",
+                          str(place / "control.sock"), "--", "/bin/sh", "-c", script)  # fmt: skip
+        lurker = None
+        try:
+            _wait(lambda: (chat / "bound").exists() or run.poll() is not None, "the container's losetup")
+            assert (chat / "bound").exists(), run.communicate()
+            lurker = _user_popen(ordinary_user, "/usr/bin/python3", str(place / "lurk.py"), str(chat),
+                                 "dev/.mountwarden/loop0", "spin")  # fmt: skip
+            _wait(lambda: (chat / "opened").exists(), "the lurker's O_PATH fd")
+            assert (chat / "opened").read_text() != "none", "the user reached no pool node from outside"
+            (chat / "spin").touch()
+            serve.proc.kill()
+            serve.proc.wait()
+            _wait(lambda: (chat / "result").exists(), "the lurker's spin")
+            result = (chat / "result").read_text()
+        finally:
+            for name in ("spin", "end"):
+                (chat / name).touch()
+            if lurker is not None:
+                lurker.wait(timeout=30)
+            run.wait(timeout=60)
+            subprocess.run([*oci.mountwarden_argv(), "gc"], check=True, capture_output=True)
+    assert result in (f"denied {errno.EACCES}", "never unbound"), f"the user's process outside: {result}"
 
 
 def test_a_fuse_daemons_image_node_is_not_the_users_to_reopen(

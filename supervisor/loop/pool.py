@@ -48,7 +48,7 @@ import os
 import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Protocol
 
 from .. import fdops
 from ..cgroup import DeviceCgroup
@@ -73,6 +73,14 @@ NODE_MODE: Final = 0o660
 # In the container's /dev, host root's: where replacement nodes are made (here), where `run`'s
 # mounts land (stager.py), and where a runtime's container finds the pool's nodes (adopted.py).
 PRIVATE_DIR: Final = ".mountwarden"
+
+
+class Keeper(Protocol):
+    """Holds a second fd on each host device the pool shows a container that outlives the
+    supervisor (nshelper.Keep), and lets it go once the device's nodes are disowned."""
+
+    def keep(self, device_fd: int, number: int) -> None: ...
+    def let_go(self, number: int) -> None: ...
 
 
 @dataclass
@@ -137,8 +145,9 @@ class LoopPool:
         host_uid: int,
         per_uid_limit: int,
         cgroups: Sequence[DeviceCgroup],
+        keeper: Keeper | None = None,
     ) -> None:
-        self.dev_fd, self.sysview, self.owner = dev_fd, sysview, owner
+        self.dev_fd, self.sysview, self.owner, self.keeper = dev_fd, sysview, owner, keeper
         self.limit, self.host_uid, self.per_uid_limit = limit, host_uid, per_uid_limit
         self.cgroups = list(cgroups)
         self.slots: dict[int, Slot] = {}
@@ -161,6 +170,7 @@ class LoopPool:
         """Create the placeholder, /dev/loop-control and one free node per allowed device."""
         self._memfd = os.memfd_create("mountwarden-free-loop", os.MFD_CLOEXEC)
         self.placeholder = attach(self._memfd, read_only=False, name="mountwarden free loop device")
+        self._keep(self.placeholder)
         self._grant(self.placeholder.rdev)
         control, self.control_ino = self._make_node("loop-control", stat.S_IFCHR, os.makedev(1, 3))
         os.close(control)
@@ -192,6 +202,8 @@ class LoopPool:
         if self.placeholder is not None:
             numbers.append(self.placeholder.number)
             clear_read_only(self.placeholder.fd)
+            if self.keeper is not None:
+                self.keeper.let_go(self.placeholder.number)
             self.placeholder.close()
             self.placeholder = None
         if self._memfd >= 0:
@@ -313,6 +325,7 @@ class LoopPool:
                 req.backing_fd, read_only=req.read_only, name=req.name or req.backing_path, offset=req.offset,
                 sizelimit=req.sizelimit, flags=host_flags, block_size=req.block_size,
             )  # fmt: skip
+            self._keep(device)
         except BaseException:
             ticket.release()
             raise
@@ -384,6 +397,8 @@ class LoopPool:
         self.sysview.unbind(slot.number, device.rdev, self.placeholder.rdev)
         self._revoke(device.rdev)
         clear_read_only(device.fd)
+        if self.keeper is not None:
+            self.keeper.let_go(device.number)
         # Autoclear: the host device goes once the container's fds and mounts on it are gone;
         # until then it still counts, with its ticket.
         self.retired.append(Retired(device.number, device.diskseq, slot.ticket))
@@ -415,6 +430,14 @@ class LoopPool:
         old, slot.node_fd, slot.node_ino = slot.node_fd, fd, ino
         self.by_ino[ino] = slot.number
         self._disown(old)
+
+    def _keep(self, device: LoopDevice) -> None:
+        if self.keeper is not None:
+            try:
+                self.keeper.keep(device.fd, device.number)
+            except BaseException:
+                device.close()
+                raise
 
     @staticmethod
     def _disown(fd: int) -> None:
