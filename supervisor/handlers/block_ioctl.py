@@ -120,8 +120,8 @@ def handle(call: Call) -> Response:
     try:
         st = os.fstat(ours)
         pool = call.session.pool
-        if pool is None:
-            return _native(call)
+        if pool is None or fcntl.fcntl(ours, fcntl.F_GETFL) & os.O_PATH:
+            return _native(call)  # the kernel refuses an O_PATH fd any ioctl (EBADF)
         if request == FITRIM:
             return _fitrim(call, pool, ours, st, arg)
         slot = pool.slot_for(st) if stat.S_ISBLK(st.st_mode) else None

@@ -101,6 +101,8 @@ def handle(call: Call) -> Response:
         raise KernelError(errno.ENOTTY, "not a loop device") from None
     finally:
         os.close(ours)
+    if flags & os.O_PATH:  # the kernel's fdget() ignores O_PATH files
+        raise KernelError(errno.EBADF, "an O_PATH fd takes no ioctl")
     t.check()
     pool = call.session.pool
     if request in SIZE_OPS:
