@@ -11,6 +11,7 @@ supervisor is killed.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -32,6 +33,7 @@ from .abi import (
     LO_FLAGS_AUTOCLEAR,
     LO_FLAGS_READ_ONLY,
     LO_NAME_SIZE,
+    LOOP_CLR_FD,
     LOOP_CONFIGURE,
     LOOP_CTL_GET_FREE,
     LOOP_GET_STATUS64,
@@ -58,8 +60,16 @@ class LoopDevice:
         return f"/dev/loop{self.number}"
 
     def close(self) -> None:
-        """Drop our reference; with autoclear the kernel detaches once nothing else holds it."""
+        """Drop our reference; with autoclear the kernel detaches once nothing else holds it.
+
+        LOOP_CLR_FD sets autoclear again first: a process under no filter (an ordinary user's,
+        on a node of its own container) may have cleared it, which would leave the device
+        bound with nobody to hold it. One racing us between the two calls still can (see
+        docs/threat-model.md).
+        """
         if self.fd >= 0:
+            with contextlib.suppress(OSError):  # ENXIO: detached already
+                fcntl.ioctl(self.fd, LOOP_CLR_FD)
             os.close(self.fd)
             self.fd = -1
 
