@@ -124,6 +124,7 @@ class Session:
         The container may already run: the runtime hands over its listener as it starts it.
         """
         owner = idmap.root_of(self.init_pid)
+        user_owned = self.info.host_uid is not None  # an ordinary user's (sources/control.py, oci --oci-users)
         if self.info.host_uid is None:  # else the peer's uid, which policy selects on (sources/control.py)
             self.info = dataclasses.replace(self.info, host_uid=owner[0])
         self._begin(owner, cgroups)
@@ -132,7 +133,7 @@ class Session:
         self.check_alive()
         kept, sysview = adopted.views(self.nshelper(), self.init_pid, owner, names, self.check_alive)
         self._dirs.extend(kept)
-        self._open_pool(kept[0], sysview, cgroups, keeper=self.nshelper())
+        self._open_pool(kept[0], sysview, cgroups, keeper=self.nshelper(), user_owned=user_owned)
         with contextlib.ExitStack() as stack:
             nodes = _closing(stack, os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=kept[0]))
             groups = [_closing(stack, os.open(g.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)) for g in cgroups]
@@ -161,7 +162,8 @@ class Session:
             raise KernelError(errno.ESRCH, "the container's init exited while it was being set up")
 
     def _open_pool(
-        self, dev: int, sysview: SysView, cgroups: Sequence[DeviceCgroup], keeper: Keeper | None = None
+        self, dev: int, sysview: SysView, cgroups: Sequence[DeviceCgroup], keeper: Keeper | None = None,
+        user_owned: bool = False,
     ) -> None:
         self.pool = LoopPool(
             dev_fd=dev,
@@ -172,6 +174,7 @@ class Session:
             per_uid_limit=self.policy.limits.loop_devices_per_host_uid,
             cgroups=cgroups,
             keeper=keeper,
+            user_owned=user_owned,
         )
         self.pool.start()
 
@@ -289,6 +292,7 @@ class Session:
             self.log.error("loop-devices-still-bound", devices=[f"/dev/loop{n}" for n in stuck])
         if pool is not None:
             pool.settle()  # the quota of what did detach goes back; the stuck keep theirs
+            pool.hand_over()
         return stuck
 
     def add_daemon(self, record: MountRecord, daemon: FuseDaemon) -> None:

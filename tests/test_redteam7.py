@@ -17,6 +17,7 @@ from pathlib import Path
 
 import oci
 import pytest
+import yaml
 from conftest import build_image, make_tree, write_policy
 from test_redteam6 import _bound, _user_popen, _wait
 from test_unprivileged import ordinary_user, place  # noqa: F401 - fixtures
@@ -222,10 +223,6 @@ def test_the_kernel_mounts_only_the_file_the_policy_judged(
     ("node", "what", "script"),
     [
         pytest.param(
-            "loop1", "pin", "touch {chat}/ready; " + WAIT_GO, id="placeholder held open",
-            marks=pytest.mark.xfail(strict=True, reason="U keeps host loop devices bound past its container's end"),
-        ),  # fmt: skip
-        pytest.param(
             "loop0", "no-autoclear",
             "losetup /dev/loop0 {image} && touch {chat}/ready; " + WAIT_GO + "; losetup -d /dev/loop0",
             id="autoclear cleared",
@@ -240,8 +237,8 @@ def test_a_containers_end_leaves_no_host_loop_device_bound(
     what: str,
     script: str,
 ) -> None:
-    """Hole: U's process outside the container keeps host loop devices bound after the container
-    ended, beyond any limit:
+    """Hole: U's process outside the container kept host loop devices bound after the container
+    ended, beyond any limit (the placeholder case: test_pinned_placeholders_count_against_the_users_quota):
 
     * placeholder held open: a free slot's node is the pool's placeholder, a host device bound to
       an empty memfd with no quota ticket. U opens it from outside and keeps the fd; the pool
@@ -255,7 +252,9 @@ def test_a_containers_end_leaves_no_host_loop_device_bound(
       and then the devices are still bound.
 
     Fixed for autoclear: LoopDevice.close sets it again (LOOP_CLR_FD) before the pool lets go
-    (a process racing that call can still clear it in between: a known limit).
+    (a process racing that call can still clear it in between: a known limit). Fixed for the
+    placeholder: in an ordinary user's container it takes a ticket of the user's quota, which
+    lingers while the device stays bound.
 
     Fix: the placeholder must not be per container, nor U's to hold: one placeholder for the
     whole of serve (bound read-only to an empty memfd at start), or, better, the same remedy as for
@@ -277,3 +276,67 @@ def test_a_containers_end_leaves_no_host_loop_device_bound(
         if minor >= 0 and _bound(minor):
             subprocess.run(["losetup", "-d", f"/dev/loop{minor}"], check=False)
     assert result.startswith("done") and output.split()[-1] == "detached", f"outside: {result}; then: {output}"
+
+
+def test_pinned_placeholders_count_against_the_users_quota(
+    ordinary_user: pwd.struct_passwd,  # noqa: F811 - a fixture
+    place: Path,  # noqa: F811 - a fixture
+    tmp_path: Path,
+) -> None:
+    """U holds the free slots' placeholder of each container it starts open from outside, and
+    the kernel keeps each bound past its container's end. The placeholder of an ordinary user's
+    container is one of U's loop devices (a ticket of its quota, lingering while the device is
+    bound), so with a quota of 2, the third container is refused, and starts once U lets go."""
+    chat = place / "chat"
+    chat.mkdir(mode=0o755)
+    os.chown(chat, ordinary_user.pw_uid, ordinary_user.pw_gid)
+    (place / "outside.py").write_text(OUTSIDE)
+    policy = tmp_path / "users.yaml"
+    policy.write_text(yaml.safe_dump({"version": 1, "limits": {"loop_devices_per_host_uid": 2}, "rules": []}))
+    pinners: list[subprocess.Popen[str]] = []
+    pinned: list[int] = []
+
+    def run(name: str, pin: bool = True) -> subprocess.CompletedProcess[str]:
+        script = f"touch {chat}/ready-{name}; while [ ! -e {chat}/go-{name} ]; do sleep 0.05; done"
+        argv = [*oci.mountwarden_argv(), "run", "--name", name, "--control-socket", str(place / "control.sock"),
+                "--", "/bin/sh", "-c", script]  # fmt: skip
+        proc = _user_popen(ordinary_user, *argv)
+        try:
+            _wait(lambda: (chat / f"ready-{name}").exists() or proc.poll() is not None, f"container {name}")
+            if pin and (chat / f"ready-{name}").exists():
+                (chat / "result").unlink(missing_ok=True)
+                pinner = _user_popen(ordinary_user, "/usr/bin/python3", str(place / "outside.py"), str(chat), "loop1",
+                                     "pin", "-")  # fmt: skip
+                pinners.append(pinner)
+                _wait(lambda: (chat / "result").exists(), "the pin")
+                result = (chat / "result").read_text()
+                assert result.startswith("done"), result
+                pinned.append(int(result.split()[1]))
+                (chat / f"go-{name}").touch()
+            out, err = proc.communicate(timeout=60)
+        finally:
+            (chat / f"go-{name}").touch()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    try:
+        with oci.serving(tmp_path, policy, control=place / "control.sock"):
+            assert run("rt7-pin1").returncode == 0
+            assert run("rt7-pin2").returncode == 0
+            refused = run("rt7-pin3")
+            assert refused.returncode != 0 and "limit of 2 loop devices" in refused.stderr, refused
+            (chat / "end").touch()
+            for pinner in pinners:
+                pinner.wait(timeout=30)
+            _wait(lambda: not any(_bound(n) for n in pinned), "the pinned placeholders detached")
+            (chat / "go-rt7-pin4").touch()
+            assert run("rt7-pin4", pin=False).returncode == 0
+    finally:
+        (chat / "end").touch()
+        for pinner in pinners:
+            if pinner.poll() is None:
+                pinner.kill()
+            pinner.wait()
+        _wait(lambda: not any(_bound(n) for n in pinned), "the pinned placeholders detached")

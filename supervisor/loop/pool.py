@@ -114,7 +114,10 @@ class Retired:
     ticket: quota.Ticket | None
 
     def detached(self) -> bool:
-        return not still_bound(self.number, self.diskseq)
+        return not self.bound()
+
+    def bound(self) -> bool:
+        return still_bound(self.number, self.diskseq)
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,7 @@ class LoopPool:
         per_uid_limit: int,
         cgroups: Sequence[DeviceCgroup],
         keeper: Keeper | None = None,
+        user_owned: bool = False,
     ) -> None:
         self.dev_fd, self.sysview, self.owner, self.keeper = dev_fd, sysview, owner, keeper
         self.limit, self.host_uid, self.per_uid_limit = limit, host_uid, per_uid_limit
@@ -160,6 +164,11 @@ class LoopPool:
         with contextlib.suppress(FileExistsError):
             os.mkdir(PRIVATE_DIR, 0o700, dir_fd=dev_fd)
         self.control_ino = -1
+        # An ordinary user's own processes may hold the placeholder open past the container's
+        # end (the kernel then keeps it bound): for such a container it is one of the user's
+        # devices, with a ticket, so a user cannot pin one per container it starts unbounded.
+        self.user_owned = user_owned
+        self._placeholder_ticket: quota.Ticket | None = None
         self.placeholder: LoopDevice | None = None
         self._memfd = -1
         self._jail_serial = 0
@@ -168,6 +177,8 @@ class LoopPool:
 
     def start(self) -> None:
         """Create the placeholder, /dev/loop-control and one free node per allowed device."""
+        if self.user_owned:
+            self._placeholder_ticket = quota.acquire(self.host_uid, self.per_uid_limit)
         self._memfd = os.memfd_create("mountwarden-free-loop", os.MFD_CLOEXEC)
         self.placeholder = attach(self._memfd, read_only=False, name="mountwarden free loop device")
         self._keep(self.placeholder)
@@ -205,11 +216,22 @@ class LoopPool:
             if self.keeper is not None:
                 self.keeper.let_go(self.placeholder.number)
             self.placeholder.close()
-            self.placeholder = None
+            self.retired.append(Retired(self.placeholder.number, self.placeholder.diskseq, self._placeholder_ticket))
+            self.placeholder, self._placeholder_ticket = None, None
+        if self._placeholder_ticket is not None:  # start failed before the placeholder was made
+            self._placeholder_ticket.release()
+            self._placeholder_ticket = None
         if self._memfd >= 0:
             os.close(self._memfd)
             self._memfd = -1
         return numbers
+
+    def hand_over(self) -> None:
+        """After close: the tickets of devices still bound linger in the quota (quota.linger)."""
+        for gone in self.retired:
+            if gone.ticket is not None:
+                quota.linger(gone.ticket, gone.bound)
+        self.retired = []
 
     # --- identification ----------------------------------------------------------------------
 
