@@ -130,34 +130,44 @@ def test_a_released_loop_device_is_not_the_users_to_reopen(
     Fixed: a node is disowned (host root's, no access bits) before the device it names is let
     go: by the pool when it replaces or releases it or closes, by the namespace helper's guard
     when serve dies. The reopen is refused (EACCES) whoever's the device is by then."""
-    uid, gid = ordinary_user.pw_uid, ordinary_user.pw_gid
-    chat = place / "chat"
-    chat.mkdir(mode=0o755)
-    os.chown(chat, uid, gid)
-    (place / "lurk.py").write_text(LURKER)
-    secret = tmp_path / "secret.img"
-    secret.write_bytes(b"TOPSECRET-rt6 " * (1 << 16))
+    uid = ordinary_user.pw_uid
     rules = [{"name": "user-ext4", "containers": {"host_uid": [uid]},
               "match": {"source": f"{place}/*.ext4", "target": "/**"}, "action": "kernel"}]  # fmt: skip
-    policy = write_policy(tmp_path / "users.yaml", rules)
     script = (
-        f"losetup /dev/loop0 {place}/data.ext4 && touch {chat}/bound || exit 1; "
-        f"while [ ! -e {chat}/clear ]; do sleep 0.05; done; " + _LET_GO[let_go].format(chat=chat)
+        f"losetup /dev/loop0 {place}/data.ext4 && touch {{chat}}/bound || exit 1; "
+        "while [ ! -e {chat}/clear ]; do sleep 0.05; done; " + _LET_GO[let_go]
     )
+    result = _reopened(ordinary_user, place, tmp_path, rules, script, f"dev/.mountwarden/{node}", let_go)
+    assert result == f"denied {errno.EACCES}", f"the user's process outside the container: {result}"
+
+
+def _reopened(
+    user: pwd.struct_passwd, where: Path, tmp_path: Path, rules: list[dict[str, object]], script: str, node: str,
+    let_go: str = "cleared",
+) -> str:  # fmt: skip
+    """Run `script` ({chat} filled in) in the user's container; once it touched {chat}/bound, the
+    lurker keeps an O_PATH fd on `node` under a process's root; on {chat}/clear the container
+    lets the device go (`let_go`, and {chat}/cleared), the host binds a secret of its own on that
+    device number, and the lurker reopens its fd. Returns what the lurker got."""
+    chat = where / "chat"
+    chat.mkdir(mode=0o755)
+    os.chown(chat, user.pw_uid, user.pw_gid)
+    (where / "lurk.py").write_text(LURKER)
+    secret = tmp_path / "secret.img"
+    secret.write_bytes(b"TOPSECRET-rt6 " * (1 << 16))
+    policy = write_policy(tmp_path / "users.yaml", rules)
     result, minor = "", -1
-    with oci.serving(tmp_path, policy, control=place / "control.sock") as serve:
-        run = _user_popen(ordinary_user, *oci.mountwarden_argv(), "run", "--name", "rt6-reuse", "--control-socket",
-                          str(place / "control.sock"), "--", "/bin/sh", "-c", script)  # fmt: skip
+    with oci.serving(tmp_path, policy, control=where / "control.sock") as serve:
+        run = _user_popen(user, *oci.mountwarden_argv(), "run", "--name", "rt6-reuse", "--control-socket",
+                          str(where / "control.sock"), "--", "/bin/sh", "-c", script.format(chat=chat))  # fmt: skip
         lurker = None
         try:
-            _wait(lambda: (chat / "bound").exists() or run.poll() is not None, "the container's losetup")
+            _wait(lambda: (chat / "bound").exists() or run.poll() is not None, "the container's device")
             assert (chat / "bound").exists(), run.communicate()
-            lurker = _user_popen(
-                ordinary_user, "/usr/bin/python3", str(place / "lurk.py"), str(chat), f"dev/.mountwarden/{node}"
-            )
+            lurker = _user_popen(user, "/usr/bin/python3", str(where / "lurk.py"), str(chat), node)
             _wait(lambda: (chat / "opened").exists(), "the lurker's O_PATH fd")
             opened = (chat / "opened").read_text()
-            assert opened != "none", "the user reached no pool node from outside its container"
+            assert opened != "none", f"the user reached no {node} from outside its container"
             minor = int(opened)
             (chat / "clear").touch()
             _wait(lambda: (chat / "cleared").exists(), "the container letting the device go")
@@ -182,7 +192,7 @@ def test_a_released_loop_device_is_not_the_users_to_reopen(
                 subprocess.run(["losetup", "-d", f"/dev/loop{minor}"], check=False)
             if let_go == "serve killed":  # its containers' device cgroups: what the next serve does
                 subprocess.run([*oci.mountwarden_argv(), "gc"], check=True, capture_output=True)
-    assert result == f"denied {errno.EACCES}", f"the user's process outside the container: {result}"
+    return result
 
 
 def test_after_serve_is_killed_the_user_gets_no_fd_on_an_unbound_pool_device(
@@ -244,49 +254,15 @@ def test_a_fuse_daemons_image_node_is_not_the_users_to_reopen(
     device runs as the container's root, so the user reaches its /image by /proc/<pid>/root.
     That node is the pool's (LoopPool.jail_node), disowned with the slot's own when the
     container clears the device."""
-    uid, gid = ordinary_user.pw_uid, ordinary_user.pw_gid
-    chat = place / "chat"
-    chat.mkdir(mode=0o755)
-    os.chown(chat, uid, gid)
-    (place / "lurk.py").write_text(LURKER)
-    secret = tmp_path / "secret.img"
-    secret.write_bytes(b"TOPSECRET-rt6 " * (1 << 16))
-    rules = [{"name": "user-fuse", "containers": {"host_uid": [uid]}, "match": {"target": "/**"}, "action": "fuse"}]
-    policy = write_policy(tmp_path / "users.yaml", rules)
+    rules = [{"name": "user-fuse", "containers": {"host_uid": [ordinary_user.pw_uid]}, "match": {"target": "/**"},
+              "action": "fuse"}]  # fmt: skip
     script = (
         f"losetup /dev/loop0 {place}/data.ext4 && mkdir -p /tmp/rt6 && mount -t ext4 /dev/loop0 /tmp/rt6 "
-        f"&& touch {chat}/bound || exit 1; while [ ! -e {chat}/clear ]; do sleep 0.05; done; "
-        f"umount /tmp/rt6 && losetup -d /dev/loop0; touch {chat}/cleared; "
-        f"while [ ! -e {chat}/end ]; do sleep 0.05; done"
+        "&& touch {chat}/bound || exit 1; while [ ! -e {chat}/clear ]; do sleep 0.05; done; "
+        "umount /tmp/rt6 && losetup -d /dev/loop0; touch {chat}/cleared; "
+        "while [ ! -e {chat}/end ]; do sleep 0.05; done"
     )
-    result, minor = "", -1
-    with oci.serving(tmp_path, policy, control=place / "control.sock"):
-        run = _user_popen(ordinary_user, *oci.mountwarden_argv(), "run", "--name", "rt6-jail", "--control-socket",
-                          str(place / "control.sock"), "--", "/bin/sh", "-c", script)  # fmt: skip
-        lurker = None
-        try:
-            _wait(lambda: (chat / "bound").exists() or run.poll() is not None, "the container's FUSE mount")
-            assert (chat / "bound").exists(), run.communicate()
-            lurker = _user_popen(ordinary_user, "/usr/bin/python3", str(place / "lurk.py"), str(chat), "image")
-            _wait(lambda: (chat / "opened").exists(), "the lurker's O_PATH fd")
-            opened = (chat / "opened").read_text()
-            assert opened != "none", "the user reached no FUSE daemon's image from outside its container"
-            minor = int(opened)
-            (chat / "clear").touch()
-            _wait(lambda: (chat / "cleared").exists(), "the container letting the device go")
-            _wait(lambda: not _bound(minor), f"loop{minor} detached")
-            subprocess.run(["losetup", f"/dev/loop{minor}", str(secret)], check=True)
-            (chat / "reused").touch()
-            _wait(lambda: (chat / "result").exists(), "the lurker's reopen")
-            result = (chat / "result").read_text()
-        finally:
-            for name in ("clear", "end", "reused"):
-                (chat / name).touch()
-            if lurker is not None:
-                lurker.wait(timeout=30)
-            run.wait(timeout=60)
-            if minor >= 0 and _bound(minor):
-                subprocess.run(["losetup", "-d", f"/dev/loop{minor}"], check=False)
+    result = _reopened(ordinary_user, place, tmp_path, rules, script, "image")
     assert result == f"denied {errno.EACCES}", f"the user's process outside the container: {result}"
 
 
