@@ -15,11 +15,13 @@ import contextlib
 import functools
 import os
 import signal
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import audit, cgroup
 from . import syscalls as s
+from .errors import KernelError
 from .policy import ContainerInfo, Policy, reload_policy
 from .server import Server
 from .session import Session
@@ -168,12 +170,17 @@ def serve(
     daemon.server.watch(sigfd, on_signal)
     sources: list[oci.OciSource | lxc.LxcProxy | control.ControlSource] = []
     try:
-        if oci_socket:
-            sources.append(oci.OciSource(daemon, oci_socket, gid=gid, users=oci_users))
-        if lxc_socket:
-            sources.append(lxc.LxcProxy(daemon, lxc_socket, group=gid).start())
-        if control_socket:
-            sources.append(control.ControlSource(daemon, control_socket, gid=gid))
+        try:
+            if oci_socket:
+                sources.append(oci.OciSource(daemon, oci_socket, gid=gid, users=oci_users))
+            if lxc_socket:
+                sources.append(lxc.LxcProxy(daemon, lxc_socket, group=gid).start())
+            if control_socket:
+                sources.append(control.ControlSource(daemon, control_socket, gid=gid))
+        except KernelError as exc:
+            log.error("serve-not-started", error=str(exc))
+            print(f"mountwarden serve: cannot listen, nothing was started: {exc}", file=sys.stderr)
+            return 1
         log.info(
             "serve-ready", oci_socket=oci_socket, lxc_socket=lxc_socket, control_socket=control_socket,
             policy=list(policy.files),

@@ -510,3 +510,37 @@ def test_deeply_nested_json_on_the_oci_socket_does_not_end_serve(
     time.sleep(1)
     assert serve.proc.poll() is None, "serve ended"
     _run_loop_mount(serve, tmp_path, workdir, images, mountcall)
+
+
+@pytest.mark.parametrize("kind", ["--oci-socket", "--lxc-socket", "--control-socket"])
+def test_a_socket_in_a_directory_others_may_write_is_refused(tmp_path: Path, kind: str) -> None:
+    """Someone who may write the socket's directory could swap the socket file for one of
+    their own: serve refuses to listen there, with a sentence, and starts nothing."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    policy = write_policy(tmp_path / "p.yaml", [])
+    argv = [*oci.mountwarden_argv(), "serve", "--policy", str(policy), "--oci-socket", str(tmp_path / "oci.sock"),
+            kind, str(shared / "s.sock")]  # fmt: skip
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1, run
+    assert "must be root's and writable by root alone" in run.stderr, run.stderr
+    assert not (shared / "s.sock").exists() and not (tmp_path / "oci.sock").exists()
+
+
+def test_a_second_serve_on_a_live_socket_is_refused_and_a_stale_one_replaced(tmp_path: Path) -> None:
+    """Two daemons on one socket would each serve some runtimes: the second is refused while
+    the first listens; once it is killed, its socket file is stale and the next one takes it."""
+    policy = write_policy(tmp_path / "p.yaml", [])
+    with oci.serving(tmp_path, policy, control=tmp_path / "control.sock") as first:
+        argv = [*oci.mountwarden_argv(), "serve", "--policy", str(policy), "--oci-socket", str(tmp_path / "b.sock"),
+                "--control-socket", str(tmp_path / "control.sock")]  # fmt: skip
+        second = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1 and "another mountwarden serve listens" in second.stderr, second
+        first.proc.kill()
+        first.proc.wait()
+    assert (tmp_path / "control.sock").exists()  # left by the killed daemon
+    (tmp_path / "again").mkdir()
+    with oci.serving(tmp_path / "again", policy, control=tmp_path / "control.sock"):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
+            probe.connect(str(tmp_path / "control.sock"))

@@ -27,13 +27,13 @@ import os
 import re
 import select
 import socket
-import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from .. import syscalls as s
 from ..errors import KernelError
 from ..policy import ContainerInfo
+from . import sockets
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
@@ -56,8 +56,7 @@ class ControlSource:
 
     def __init__(self, daemon: Daemon, path: str, *, gid: int | None = None) -> None:
         self.daemon, self.path = daemon, path
-        self.sock = _listen(path, gid)
-        keep_reserve()
+        self.sock = sockets.listen(path, socket.SOCK_SEQPACKET, 0o666 if gid is None else 0o660, gid)
         self._peers: dict[int, _Peer] = {}
         daemon.server.watch(self.sock.fileno(), lambda fd, events: self._accept())
 
@@ -71,12 +70,11 @@ class ControlSource:
 
     def _accept(self) -> None:
         while True:
-            conn = accept(self.sock, self.daemon.log)
+            conn = sockets.accept(self.sock, self.daemon.log)
             if conn is None:
                 return
             conn.setblocking(False)
-            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-            peer = _Peer(conn, int.from_bytes(creds[4:8], "little"))
+            peer = _Peer(conn, sockets.peer(conn)[1])
             self._peers[conn.fileno()] = peer
             self.daemon.server.watch(conn.fileno(), lambda fd, events: self._read(fd))
 
@@ -142,39 +140,6 @@ class ControlSource:
         peer.sock.close()
 
 
-_reserve = -1  # an fd kept free, to accept and shed connections when serve is out of fds
-
-
-def keep_reserve() -> None:
-    """Hold the reserve fd `accept` sheds with: taken when a socket starts listening."""
-    global _reserve
-    if _reserve < 0:
-        _reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-
-
-def accept(sock: socket.socket, log: Any) -> socket.socket | None:
-    """The next connection on `sock`, or None when there is none (now).
-
-    Out of fds (EMFILE), the pending connection is accepted on a reserve fd and closed, with a
-    log line: else it would wait in the backlog, the loop would wake for it forever, and the
-    socket would serve no one.
-    """
-    global _reserve
-    try:
-        return sock.accept()[0]
-    except (BlockingIOError, InterruptedError):
-        return None
-    except OSError as exc:
-        if exc.errno not in (errno.EMFILE, errno.ENFILE):
-            raise
-    os.close(_reserve)
-    with contextlib.suppress(OSError):
-        sock.accept()[0].close()
-    _reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    log.error("connection-shed", error="serve is out of file descriptors", socket=sock.getsockname())
-    return None
-
-
 def pinned_owned(pid: int, uid: int) -> int:
     """A pidfd on process `pid`, checked with `check_owned` while pinned: a pid that exits and is
     given to someone else's process meanwhile is caught (the pidfd then says it exited)."""
@@ -219,19 +184,3 @@ def check_owned(pid: int, uid: int) -> None:
             raise KernelError(errno.EPERM, f"the mount namespace of process {pid} is not its user namespace's")
     finally:
         os.close(userns)
-
-
-def _listen(path: str, gid: int | None) -> socket.socket:
-    """A SOCK_SEQPACKET socket at `path`: 0666, or 0660 for group `gid` (bind leaves it 0755 less
-    the umask, which is the stricter side until the chmod)."""
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
-    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-    sock.bind(path)
-    if gid is not None:
-        os.chown(path, 0, gid)
-    os.chmod(path, 0o666 if gid is None else 0o660)
-    sock.listen(64)
-    return sock

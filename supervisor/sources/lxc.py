@@ -35,6 +35,7 @@ from ..seccomp import notify
 from ..server import Server
 from ..session import Session
 from ..syscalls import MNT_FORCE
+from . import sockets
 
 # struct seccomp_notify_proxy_msg (lxc src/lxc/lxcseccomp.h): u64 __reserved; pid_t monitor_pid,
 # init_pid; struct seccomp_notif_sizes {u16 notif, resp, data}; 2 bytes padding; u64 cookie_len.
@@ -203,7 +204,8 @@ class LxcProxy:
     def start(self) -> LxcProxy:
         """Check this kernel's struct sizes, bind and listen (on the loop from now on)."""
         notify.check_sizes()
-        self._sock = _listen(self.path, self.group)
+        mode = 0o600 if self.group is None else 0o660
+        self._sock = sockets.listen(self.path, socket.SOCK_SEQPACKET, mode, self.group)
         self._inode = os.stat(self.path).st_ino  # to remove only our own socket file at close
         self.daemon.server.watch(self._sock.fileno(), self._accept)
         self.log.info("lxc-proxy-listening", path=self.path)
@@ -223,11 +225,10 @@ class LxcProxy:
 
     def _accept(self, fd: int, events: int) -> None:
         assert self._sock is not None
-        try:
-            sock, _ = self._sock.accept()
-        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+        sock = sockets.accept(self._sock, self.log)
+        if sock is None:
             return
-        pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        pid, uid, _gid = sockets.peer(sock)
         try:
             if uid not in self.peer_uids:
                 raise KernelError(errno.EPERM, f"uid {uid} may not hand over containers")
@@ -349,52 +350,6 @@ def _container_name(monitor_pid: int) -> str | None:
         if arg.startswith("--name="):
             return arg.removeprefix("--name=") or None
     return None
-
-
-def _listen(path: str, group: int | None) -> socket.socket:
-    """A SOCK_SEQPACKET socket bound at `path`, root's alone (0600) or its group's too (0660).
-
-    A stale socket left by a killed daemon is replaced; anything else at `path`, or a live
-    daemon listening there, is an error.
-    """
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, mode=0o755, exist_ok=True)
-    st = os.stat(parent)
-    if st.st_uid != 0 or st.st_mode & 0o022:
-        raise KernelError(errno.EPERM, "the socket's directory must be root's and writable by root alone", parent)
-    _remove_stale(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-    try:
-        # bind() gives the new inode the socket's own mode less the umask: set it here rather
-        # than change the process-wide umask under running threads.
-        os.fchmod(sock.fileno(), 0o600)
-        sock.bind(path)
-        if group is not None:
-            os.chown(path, 0, group)
-            os.chmod(path, 0o660)
-        sock.listen(64)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _remove_stale(path: str) -> None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise KernelError(errno.EEXIST, "something other than a socket is in the way of the LXC proxy socket", path)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as probe:
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            os.unlink(path)  # nobody listens: left by a daemon that was killed
-            return
-        except OSError as exc:
-            raise KernelError(exc.errno or errno.EIO, "the LXC proxy socket cannot be checked", path) from None
-    raise KernelError(errno.EADDRINUSE, "another mountwarden serve listens on the LXC proxy socket", path)
 
 
 # --- the seccomp profile (lxc.seccomp.profile) ---------------------------------------------------

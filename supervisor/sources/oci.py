@@ -22,14 +22,13 @@ import contextlib
 import json
 import os
 import socket
-import stat
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 from ..errors import KernelError
 from ..policy import ContainerInfo
 from ..seccomp import filter as seccomp_filter
-from . import control
+from . import control, sockets
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
@@ -133,8 +132,7 @@ class OciSource:
         """`users`: ordinary users' runtimes (rootless podman) may connect too, each for its own
         containers only (see `_announce`); else only root's."""
         self.daemon, self.path, self.users = daemon, path, users
-        self.sock = _listen(path, 0o666 if users else 0o600 if gid is None else 0o660, gid)
-        control.keep_reserve()
+        self.sock = sockets.listen(path, socket.SOCK_STREAM, 0o666 if users else 0o600 if gid is None else 0o660, gid)
         self._pending: dict[int, _Pending] = {}
         daemon.server.watch(self.sock.fileno(), lambda fd, events: self._accept())
 
@@ -148,11 +146,11 @@ class OciSource:
 
     def _accept(self) -> None:
         while True:
-            conn = control.accept(self.sock, self.daemon.log)
+            conn = sockets.accept(self.sock, self.daemon.log)
             if conn is None:
                 return
             conn.setblocking(False)
-            uid = _peer_uid(conn)
+            uid = sockets.peer(conn)[1]
             if uid != 0 and not self.users:
                 self.daemon.log.warning("oci-peer-refused", uid=uid, reason="only root's runtimes may connect")
                 conn.close()
@@ -229,27 +227,6 @@ class OciSource:
         self._pending.pop(pending.sock.fileno(), None)
         self.daemon.server.unwatch(pending.sock.fileno())
         pending.close()
-
-
-def _listen(path: str, mode: int, gid: int | None) -> socket.socket:
-    """A SOCK_STREAM socket at `path` with `mode` (bind leaves it 0755 less the umask, the stricter
-    side for connecting, which needs write permission, until the chmod)."""
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)  # a stale socket of an earlier daemon
-    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-    sock.bind(path)
-    if gid is not None:
-        os.chown(path, 0, gid)
-    os.chmod(path, mode)
-    sock.listen(64)
-    return sock
-
-
-def _peer_uid(conn: socket.socket) -> int:
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-    return int.from_bytes(creds[4:8], "little")
 
 
 DEFAULT_SOCKET: Final = "/run/mountwarden/oci.sock"
