@@ -183,27 +183,21 @@ def test_partition_scanning_is_never_set_on_a_host_device_from_outside(
     assert output.split() in (["0"], []), f"outside: {result}; the host device's partscan: {output}"
 
 
-@pytest.mark.xfail(strict=True, reason="U swaps a read-only loop device's backing file from outside the filter")
 def test_the_kernel_mounts_only_the_file_the_policy_judged(
     ordinary_user: pwd.struct_passwd,  # noqa: F811 - a fixture
     place: Path,  # noqa: F811 - a fixture
     tmp_path: Path,
 ) -> None:
-    """Hole: a rule lets U's container kernel-mount one trusted image (host root's, read-only to
-    U). The container binds it read-only; U's process outside the container opens the node (read
-    access is enough) and calls LOOP_CHANGE_FD with a file of its own of the same size: the kernel
-    allows that on any read-only loop device to whoever has it open, no capability asked. The
-    pool judged the source when it was bound and never looks again, so the container's
-    `mount /dev/loop0` is served as the trusted image while the host's ext4 driver (as host root,
-    no FS_USERNS_MOUNT) parses U's bytes: the policy's whole point, which images the host kernel
-    parses, is void for ordinary users.
+    """Hole (fixed): a rule lets U's container kernel-mount one trusted image (host root's,
+    read-only to U). The container binds it read-only; U's process outside the container opens
+    the node (read access is enough) and calls LOOP_CHANGE_FD with a file of its own of the same
+    size: the kernel allows that on any read-only loop device to whoever has it open, no
+    capability asked. The container's `mount /dev/loop0` was served as the trusted image while
+    the host's ext4 driver parsed U's bytes.
 
-    Fix: as for partition scanning, U must hold no unfiltered fd of a pool device (a dm linear
-    target one sector short of the loop device, or a BPF-LSM file_ioctl refusal). Short of that,
-    never mount the container's device itself: for a kernel (or FUSE) mount of /dev/loopN, bind a
-    fresh host loop device that never has a node the container can reach to the backing fd the
-    pool judged (keep that fd in the Slot), with the slot's offset, size limit and read-only flag,
-    and mount that."""
+    Fixed: in an ordinary user's container a kernel mount is made from a private host device
+    bound to the file the pool judged (LoopPool.mount_device), which has no node anywhere: the
+    swap changes only what the container reads through /dev/loop0 itself."""
     evil_tree = make_tree(tmp_path / "evil", {"pub.txt": "EVIL\n"})
     evil = build_image("ext4", evil_tree, place / "evil.ext4")
     os.chown(evil, ordinary_user.pw_uid, ordinary_user.pw_gid)

@@ -81,6 +81,30 @@ def test_an_ordinary_user_mounts_an_image_under_the_rules_for_its_uid(
         serve.wait_for("container-released")
 
 
+def test_an_ordinary_users_device_mounted_twice_is_one_filesystem_and_clears_at_last_unmount(
+    ordinary_user: pwd.struct_passwd, place: Path, tmp_path: Path
+) -> None:
+    """In an ordinary user's container a kernel mount is made from a private device bound to the
+    judged file (LoopPool.mount_device), not from /dev/loop0 itself: still, as natively, two
+    mounts of /dev/loop0 are one filesystem, and a `losetup -d` while mounted waits for the last
+    unmount."""
+    rules = [{"name": "this-user-ext4", "containers": {"host_uid": [ordinary_user.pw_uid]},
+              "match": {"source": f"{place}/*.ext4", "target": "/**"}, "action": "kernel"}]  # fmt: skip
+    policy = write_policy(tmp_path / "users.yaml", rules)
+    script = (
+        f"losetup -r /dev/loop0 {place}/data.ext4 && mkdir -p /tmp/a /tmp/b && mount -o ro /dev/loop0 /tmp/a "
+        "&& mount -o ro /dev/loop0 /tmp/b && touch /tmp/a/x 2>/dev/null; "
+        "[ $(stat -c %d /tmp/a) = $(stat -c %d /tmp/b) ] && echo one-filesystem; cat /tmp/b/pub.txt; "
+        "losetup -d /dev/loop0; losetup -a | wc -l; umount /tmp/a /tmp/b; losetup -a | wc -l"
+    )
+    with oci.serving(tmp_path, policy, control=place / "control.sock"):
+        run = _as_user(
+            ordinary_user, *oci.mountwarden_argv(), "run", "--name", "twice", "--control-socket",
+            str(place / "control.sock"), "--", "/bin/sh", "-c", script,
+        )  # fmt: skip
+    assert run.stdout.split() == ["one-filesystem", "public", "1", "0"], run.stdout + run.stderr
+
+
 def test_run_as_an_ordinary_user_says_what_it_needs(ordinary_user: pwd.struct_passwd, place: Path) -> None:
     missing = _as_user(ordinary_user, *oci.mountwarden_argv(), "run", "--control-socket", str(place / "none.sock"),
                        "--", "/bin/true")  # fmt: skip

@@ -30,8 +30,9 @@ def attach(
         slot = pool.slots[pool.get_free()]
         bind = BindRequest(src.fd, src.policy_path, opts.read_only, flags=LO_FLAGS_AUTOCLEAR, backing_origin=src.origin)
         pool.bind(slot, bind)
-    device = slot.host
+    host_number = slot.host.number
     try:
+        device = pool.mount_device(slot)
         call.target.check()  # a caller that died meanwhile gets no mount
         request = Mount(
             decision.idmap, kernel_driver(fstype), slot.number, device.rdev, opts.read_only,
@@ -42,10 +43,10 @@ def attach(
         call.audit["idmapped"] = made["idmapped"]
     except BaseException:
         if src.slot is None:
-            pool.last_use_ended(device.number)  # the slot bound for this mount alone
+            pool.last_use_ended(host_number)  # the slot bound for this mount alone
         raise
     return MountRecord(
-        made["mnt_id"], made["dev"], made["root_ino"], src.policy_path, where.path, fstype, device.number,
+        made["mnt_id"], made["dev"], made["root_ino"], src.policy_path, where.path, fstype, host_number,
         opts.read_only, decision.options, decision.rule, slot=slot.number,
     )  # fmt: skip
 

@@ -160,7 +160,11 @@ def _fitrim(call: Call, pool: LoopPool, ours: int, st: os.stat_result, arg: int)
     record = call.session.record_for_dev(st.st_dev)
     # on the pool's device itself, not just on a superblock the records name: a superblock
     # with a device number of its own (btrfs, FUSE) could since have given it to another
-    on_device = record is not None and st.st_dev == os.makedev(LOOP_MAJOR, record.loop)
+    slot = pool.slot_for_host(record.loop) if record is not None else None
+    mounted_from = {os.makedev(LOOP_MAJOR, record.loop)} if record is not None else set()
+    if slot is not None and slot.private is not None:  # a user-owned pool's (LoopPool.mount_device)
+        mounted_from.add(slot.private.rdev)
+    on_device = st.st_dev in mounted_from
     if record is None or not on_device or not pool.holds(record.loop):
         return _native(call)
     call.audit.update(target=record.target, host_device=f"/dev/loop{record.loop}")

@@ -287,6 +287,7 @@ def _change_fd(r: Request) -> Response:
     try:
         _host_ioctl(slot, LOOP_CHANGE_FD, ours)
         slot.backing_path, slot.backing_origin = _backing_file(r, ours)
+        r.pool.rebacked(slot, ours)
     finally:
         os.close(ours)
     r.pool.refresh(slot)
