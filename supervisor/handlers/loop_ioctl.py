@@ -233,7 +233,9 @@ def _get_status(r: Request) -> Response:
 def _apply_status(r: Request, info: LoopInfo) -> Response:
     slot = r.bound
     now = status64(slot.host.fd)
-    if (info.offset, info.sizelimit) != (now.offset, now.sizelimit):
+    window = (info.offset, info.sizelimit)
+    moved = window != (now.offset, now.sizelimit) or window != slot.window
+    if moved:
         r.call.audit.update(offset=info.offset, sizelimit=info.sizelimit)
         _refuse_if_mounted(r, slot, "moving its offset or size limit")
     slot.autoclear = bool(info.flags & LO_FLAGS_AUTOCLEAR)
@@ -241,6 +243,8 @@ def _apply_status(r: Request, info: LoopInfo) -> Response:
     # the host device always clears itself at last close and never scans partitions (see pool)
     host_flags = (info.flags | LO_FLAGS_AUTOCLEAR) & ~LO_FLAGS_PARTSCAN
     _host_ioctl(slot, LOOP_SET_STATUS64, info._replace(flags=host_flags).pack())
+    if moved:
+        r.pool.changed(slot, window=window)
     r.pool.refresh(slot)
     return r.done()
 
@@ -287,7 +291,7 @@ def _change_fd(r: Request) -> Response:
     try:
         _host_ioctl(slot, LOOP_CHANGE_FD, ours)
         slot.backing_path, slot.backing_origin = _backing_file(r, ours)
-        r.pool.rebacked(slot, ours)
+        r.pool.changed(slot, backing_fd=ours)
     finally:
         os.close(ours)
     r.pool.refresh(slot)
@@ -302,6 +306,8 @@ def _passthrough(request: int) -> Op:
         if request == LOOP_SET_CAPACITY:  # would show bytes beyond the size policy saw
             _refuse_if_mounted(r, slot, "a new capacity")
         _host_ioctl(slot, request, r.arg)
+        if request == LOOP_SET_CAPACITY:
+            r.pool.changed(slot)
         r.pool.refresh(slot)
         return r.done()
 

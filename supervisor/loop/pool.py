@@ -98,6 +98,7 @@ class Slot:
     backing_origin: SourceOrigin = "container"  # judged when bound, never re-read (supervisor/origin.py)
     jail_nodes: list[tuple[str, int]] = field(default_factory=list)  # (name, O_PATH fd) of the bound device
     backing_fd: int = -1  # the judged backing file, in a user-owned pool (see `mount_device`)
+    window: tuple[int, int] = (0, 0)  # offset and size limit, as the container set them through us
     private: LoopDevice | None = None  # the device its kernel mounts are made from, in a user-owned pool
 
     @property
@@ -354,6 +355,7 @@ class LoopPool:
             ticket.release()
             raise
         slot.device, slot.ticket = device, ticket
+        slot.window = (req.offset, req.sizelimit)
         if self.user_owned:
             slot.backing_fd = os.dup(req.backing_fd)
         slot.backing_path = req.backing_path
@@ -399,12 +401,6 @@ class LoopPool:
         if slot is not None and slot.autoclear:
             self._release(slot)
 
-    def rebacked(self, slot: Slot, backing_fd: int) -> None:
-        """LOOP_CHANGE_FD was served on the slot's device: `backing_fd` is its judged file now."""
-        if slot.backing_fd >= 0:
-            os.close(slot.backing_fd)
-            slot.backing_fd = os.dup(backing_fd)
-
     def mount_device(self, slot: Slot) -> LoopDevice:
         """The host device a kernel mount of the slot is made from.
 
@@ -412,27 +408,33 @@ class LoopPool:
         the container (no filter) can open the slot's device and LOOP_CHANGE_FD it to a file of
         their own, before or under a mount, so the host kernel would parse a file policy never
         judged. There a private device with no node anywhere is bound to the judged file, at
-        the slot's offset and size limit, and kept while the slot stays as it is (a change of
-        backing file, offset or capacity is refused while mounted).
+        the offset and size limit the container set through the supervisor (never as read back
+        from the slot's device, which the user may have moved to another window of the file),
+        and kept while the slot stays as it is (a change of backing file, offset or capacity is
+        refused while mounted).
         """
         device = slot.host
         if not self.user_owned:
             return device
-        front, private = status64(device.fd), slot.private
-        if private is not None:
-            now = status64(private.fd)
-            same = (now.offset, now.sizelimit, now.device, now.inode) == (
-                front.offset, front.sizelimit, *_identity(slot.backing_fd)
-            )
-            if same and device_size(private.fd) == device_size(device.fd):
-                return private
-            private.close()
-            slot.private = None
-        slot.private = attach(
-            slot.backing_fd, read_only=read_only(device.fd), name=slot.backing_path, offset=front.offset,
-            sizelimit=front.sizelimit, block_size=logical_block_size(device.fd),
-        )  # fmt: skip
+        if slot.private is None:
+            offset, sizelimit = slot.window
+            slot.private = attach(
+                slot.backing_fd, read_only=read_only(device.fd), name=slot.backing_path, offset=offset,
+                sizelimit=sizelimit, block_size=logical_block_size(device.fd),
+            )  # fmt: skip
         return slot.private
+
+    def changed(self, slot: Slot, *, backing_fd: int = -1, window: tuple[int, int] | None = None) -> None:
+        """A served request changed the slot's backing file, window or capacity (each refused
+        while mounted): the private device of its next mount is made afresh."""
+        if window is not None:
+            slot.window = window
+        if backing_fd >= 0 and slot.backing_fd >= 0:
+            os.close(slot.backing_fd)
+            slot.backing_fd = os.dup(backing_fd)
+        if slot.private is not None:
+            slot.private.close()
+            slot.private = None
 
     def jail_node(self, slot: Slot, owner: tuple[int, int], mode: int) -> int:
         """A node of the slot's bound device for a FUSE daemon's jail (an O_PATH fd the caller closes).
@@ -542,7 +544,3 @@ class LoopPool:
         for group in self.cgroups:
             group.deny(("b", os.major(rdev), os.minor(rdev)))
 
-
-def _identity(fd: int) -> tuple[int, int]:
-    st = os.fstat(fd)
-    return st.st_dev, st.st_ino
