@@ -3,9 +3,10 @@
 The attacker is an ordinary host account U running `mountwarden run --control-socket` against
 root's `serve`: its own processes outside the container run under no filter and open the pool's
 nodes through /proc/<pid>/root. Since LoopPool.mount_device a kernel mount in U's container is
-made from a private host loop device bound to the judged file, at the offset and size limit read
-from the slot's device at mount time. Each hole found is a test asserting the safe behaviour,
-marked xfail (strict) until fixed, its docstring saying what is wrong and the fix.
+made from a private host loop device bound to the judged file (at first, at the offset and size
+limit read from the slot's device at mount time). Each hole found is a test asserting the safe behaviour,
+marked xfail (strict) until fixed, its docstring saying what is wrong and the fix; all four are
+fixed now.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import shutil
 from pathlib import Path
 
 import oci
-import pytest
 from conftest import write_policy
 from test_redteam6 import _user_popen, _wait
 from test_redteam7 import WAIT_GO
@@ -129,13 +129,12 @@ def _own_image(place: Path, user: pwd.struct_passwd) -> Path:  # noqa: F811 - a 
     return image
 
 
-@pytest.mark.xfail(strict=True, reason="U moves the slot's size limit from outside: a second superblock on one file")
 def test_two_mounts_of_one_device_stay_one_filesystem_whatever_u_does_outside(
     ordinary_user: pwd.struct_passwd,  # noqa: F811 - a fixture
     place: Path,  # noqa: F811 - a fixture
     tmp_path: Path,
 ) -> None:
-    """Hole: U's container binds its own ext4 image read-write and mounts /dev/loop0 at /tmp/a
+    """Hole (fixed): U's container binds its own ext4 image read-write and mounts /dev/loop0 at /tmp/a
     (served from private device P1, size limit 0). U's process outside opens the node (0660, its
     own) and sets the slot device's lo_sizelimit to 1 TiB with LOOP_SET_STATUS64: nothing served,
     so `_refuse_if_mounted` never runs, and the device's size is unchanged (the file is smaller).
@@ -151,14 +150,9 @@ def test_two_mounts_of_one_device_stay_one_filesystem_whatever_u_does_outside(
     What is new is that a process outside the filter decides what the served mount is made from,
     and that P1 is counted nowhere (see the next tests).
 
-    Fix: never rebind a private device while a superblock made from it lives. In `mount_device`,
-    when `slot.private` exists and is still claimed (an O_EXCL reopen of it through
-    /proc/self/fd/<private.fd> fails with EBUSY; `session.loop_in_use` is not enough, it misses
-    lazily unmounted superblocks, see the last test), return `slot.private` as it is; the outside
-    change then only affects what /dev/loop0 reads. Better: take the offset and size
-    limit the pool served last (store them in the Slot when the served LOOP_SET_STATUS*/
-    LOOP_CONFIGURE is applied) instead of re-reading them from a device U can write, so the
-    private device never follows U's unfiltered ioctls at all."""
+    Fixed: the private device is made from the window the container set through the supervisor
+    (Slot.window) and kept until a served change, which is refused while a filesystem still
+    claims it (LoopPool.private_claimed, also after a lazy unmount)."""
     _own_image(place, ordinary_user)
     script = (
         f"losetup /dev/loop0 {place}/mine.ext4 && mkdir -p /tmp/a /tmp/b && mount /dev/loop0 /tmp/a "
@@ -201,13 +195,12 @@ def _bound_to(image: Path) -> int:
     return count
 
 
-@pytest.mark.xfail(strict=True, reason="a private mount device held past its container counts in no quota")
 def test_a_private_device_kept_past_the_container_counts_in_the_users_quota(
     ordinary_user: pwd.struct_passwd,  # noqa: F811 - a fixture
     place: Path,  # noqa: F811 - a fixture
     tmp_path: Path,
 ) -> None:
-    """Hole: U's container mounts its image (private device P) and U's process outside opens a
+    """Hole (fixed): U's container mounts its image (private device P) and U's process outside opens a
     file in the mount through /proc/<pid>/root. The container ends without unmounting: its mount
     namespace goes, but the open file keeps the superblock and so P bound. The pool's release
     closed P (`_release`: `slot.private.close()`) with no Retired entry and no ticket: P is in
@@ -215,10 +208,8 @@ def test_a_private_device_kept_past_the_container_counts_in_the_users_quota(
     container (per mount, with the remount of the test above), beyond loop_devices_per_host_uid,
     until the host has none left for anyone.
 
-    Fix: give each private device a ticket of the user's quota when `mount_device` binds it (or
-    charge it to the slot's ticket and keep that ticket while either device is bound), and when
-    the pool lets go of a private device still bound, append it to `retired` with its diskseq
-    and ticket so `hand_over` makes it linger (quota.linger) until the kernel detaches it."""
+    Fixed: a private device takes a ticket of the user's quota; let go while still bound, it is
+    retired with it, and the ticket lingers until the kernel detaches it."""
     image = _own_image(place, ordinary_user)
     script = (
         f"losetup /dev/loop0 {image} && mkdir -p /tmp/rt9mnt && mount /dev/loop0 /tmp/rt9mnt "
@@ -239,13 +230,12 @@ def test_a_private_device_kept_past_the_container_counts_in_the_users_quota(
     assert tickets >= bound, f"{bound} host device(s) kept for U past its container, {tickets} counted"
 
 
-@pytest.mark.xfail(strict=True, reason="each remount after an outside size-limit change binds an uncounted device")
 def test_remounts_bind_no_host_devices_beyond_the_users_quota(
     ordinary_user: pwd.struct_passwd,  # noqa: F811 - a fixture
     place: Path,  # noqa: F811 - a fixture
     tmp_path: Path,
 ) -> None:
-    """Hole: as in test_two_mounts_of_one_device_stay_one_filesystem_whatever_u_does_outside, but
+    """Hole (fixed): as in test_two_mounts_of_one_device_stay_one_filesystem_whatever_u_does_outside, but
     repeated: after each of the container's mounts of /dev/loop0, U's outside process writes
     another lo_sizelimit on the slot's device, and the next mount binds one more private device
     (the previous one stays bound under its mount, closed by the pool, counted nowhere). The policy
@@ -253,10 +243,8 @@ def test_remounts_bind_no_host_devices_beyond_the_users_quota(
     mounts, past loop_devices and loop_devices_per_host_uid (here 4 private devices on one slot,
     with 2 tickets: the placeholder's and the slot's), until the host's max_loop or minors run out.
 
-    Fix: the one of test_two_mounts_of_one_device_stay_one_filesystem_whatever_u_does_outside
-    (never rebind a private device a mount still uses; take offset and size limit from what the
-    pool served, not from the device U writes), and count each private device in the user's quota
-    (a ticket taken in `mount_device`, lingering like the slot's while the device stays bound)."""
+    Fixed: as test_two_mounts_of_one_device_stay_one_filesystem_whatever_u_does_outside, and the
+    private device is counted in the user's quota."""
     image = _own_image(place, ordinary_user)
     rounds = " ".join(str(i) for i in range(4))
     script = (
@@ -277,13 +265,12 @@ def test_remounts_bind_no_host_devices_beyond_the_users_quota(
     assert bound <= tickets, f"U's container holds {bound} host devices on its image, {tickets} counted"
 
 
-@pytest.mark.xfail(strict=True, reason="a lazily unmounted filesystem keeps its private device bound, uncounted")
 def test_lazy_unmounts_with_open_files_keep_no_host_devices_beyond_the_quota(
     ordinary_user: pwd.struct_passwd,  # noqa: F811 - a fixture
     place: Path,  # noqa: F811 - a fixture
     tmp_path: Path,
 ) -> None:
-    """Hole, with no outside process at all: U's container mounts its image (a slot bound for this
+    """Hole (fixed), with no outside process at all: U's container mounts its image (a slot bound for this
     mount alone, with autoclear, and private device P), opens a file in it and unmounts lazily
     (`umount -l`). The mount is gone from its namespace, so `sweep` calls `last_use_ended` and the
     slot is released: the slot's device D, which nothing mounts, detaches and its ticket returns;
@@ -293,11 +280,8 @@ def test_lazy_unmounts_with_open_files_keep_no_host_devices_beyond_the_quota(
     loop_devices and loop_devices_per_host_uid. Before the private device, D itself was the one
     held, and stayed counted (Retired with its ticket) until the kernel detached it.
 
-    Fix: a private device belongs to the slot's accounting: give its binding a ticket (or move the
-    slot's ticket to it when D goes), and in `_release` append a still-bound private device to
-    `retired` (number, diskseq, ticket) instead of dropping it, so `held_count`, `settle` and
-    `hand_over` see it until the kernel detaches it. Session.close should list it among the
-    devices it reports stuck, too."""
+    Fixed: the private device is retired with its ticket when its slot is released, and counted
+    until the kernel detaches it."""
     image = _own_image(place, ordinary_user)
     script = (
         "for i in 0 1 2 3 4; do mkdir -p /tmp/m$i; mount " + str(image) + " /tmp/m$i && "

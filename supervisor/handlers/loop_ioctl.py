@@ -266,7 +266,7 @@ def _set_status(r: Request) -> Response:
 
 
 def _refuse_if_mounted(r: Request, slot: Slot, change: str) -> None:
-    if r.call.session.loop_in_use(slot.host.number):
+    if r.call.session.loop_in_use(slot.host.number) or r.pool.private_claimed(slot):
         raise KernelError(
             errno.EBUSY, f"/dev/loop{slot.number} backs a mount policy approved; {change} would change what it reads"
         )

@@ -100,6 +100,7 @@ class Slot:
     backing_fd: int = -1  # the judged backing file, in a user-owned pool (see `mount_device`)
     window: tuple[int, int] = (0, 0)  # offset and size limit, as the container set them through us
     private: LoopDevice | None = None  # the device its kernel mounts are made from, in a user-owned pool
+    private_ticket: quota.Ticket | None = None
 
     @property
     def host(self) -> LoopDevice:
@@ -221,6 +222,7 @@ class LoopPool:
             self.placeholder.close()
             self.retired.append(Retired(self.placeholder.number, self.placeholder.diskseq, self._placeholder_ticket))
             self.placeholder, self._placeholder_ticket = None, None
+        numbers += [r.number for r in self.retired if r.number not in numbers]  # private devices let go
         if self._placeholder_ticket is not None:  # start failed before the placeholder was made
             self._placeholder_ticket.release()
             self._placeholder_ticket = None
@@ -417,12 +419,31 @@ class LoopPool:
         if not self.user_owned:
             return device
         if slot.private is None:
-            offset, sizelimit = slot.window
-            slot.private = attach(
-                slot.backing_fd, read_only=read_only(device.fd), name=slot.backing_path, offset=offset,
-                sizelimit=sizelimit, block_size=logical_block_size(device.fd),
-            )  # fmt: skip
+            ticket = quota.acquire(self.host_uid, self.per_uid_limit)  # one of the user's devices too
+            try:
+                offset, sizelimit = slot.window
+                slot.private = attach(
+                    slot.backing_fd, read_only=read_only(device.fd), name=slot.backing_path, offset=offset,
+                    sizelimit=sizelimit, block_size=logical_block_size(device.fd),
+                )  # fmt: skip
+            except BaseException:
+                ticket.release()
+                raise
+            slot.private_ticket = ticket
         return slot.private
+
+    def private_claimed(self, slot: Slot) -> bool:
+        """Whether a filesystem still holds the slot's private device: mounted, or unmounted
+        lazily while files stay open (which no mount table shows)."""
+        if slot.private is None:
+            return False
+        try:
+            os.close(os.open(f"/proc/self/fd/{slot.private.fd}", os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC))
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                return True
+            raise KernelError(exc.errno or errno.EIO, "cannot check the private mount device") from None
+        return False
 
     def changed(self, slot: Slot, *, backing_fd: int = -1, window: tuple[int, int] | None = None) -> None:
         """A served request changed the slot's backing file, window or capacity (each refused
@@ -432,9 +453,7 @@ class LoopPool:
         if backing_fd >= 0 and slot.backing_fd >= 0:
             os.close(slot.backing_fd)
             slot.backing_fd = os.dup(backing_fd)
-        if slot.private is not None:
-            slot.private.close()
-            slot.private = None
+        self._drop_private(slot)
 
     def jail_node(self, slot: Slot, owner: tuple[int, int], mode: int) -> int:
         """A node of the slot's bound device for a FUSE daemon's jail (an O_PATH fd the caller closes).
@@ -457,9 +476,7 @@ class LoopPool:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name, dir_fd=self.dev_fd)
         slot.jail_nodes = []
-        if slot.private is not None:  # a mount still on it keeps it bound (autoclear)
-            slot.private.close()
-            slot.private = None
+        self._drop_private(slot)
         if slot.backing_fd >= 0:
             os.close(slot.backing_fd)
             slot.backing_fd = -1
@@ -499,6 +516,15 @@ class LoopPool:
         old, slot.node_fd, slot.node_ino = slot.node_fd, fd, ino
         self.by_ino[ino] = slot.number
         self._disown(old)
+
+    def _drop_private(self, slot: Slot) -> None:
+        """Let the slot's private device go: a filesystem still on it keeps it bound (autoclear),
+        and counted, as retired, until the kernel detaches it."""
+        private = slot.private
+        if private is not None:
+            private.close()
+            self.retired.append(Retired(private.number, private.diskseq, slot.private_ticket))
+            slot.private, slot.private_ticket = None, None
 
     def _keep(self, device: LoopDevice) -> None:
         if self.keeper is not None:
