@@ -55,28 +55,20 @@ class ControlSource:
     """The control socket at `path`, served on the daemon's loop."""
 
     def __init__(self, daemon: Daemon, path: str, *, gid: int | None = None) -> None:
-        self.daemon, self.path = daemon, path
-        self.sock = sockets.listen(path, socket.SOCK_SEQPACKET, 0o666 if gid is None else 0o660, gid)
+        self.daemon = daemon
         self._peers: dict[int, _Peer] = {}
-        daemon.server.watch(self.sock.fileno(), lambda fd, events: self._accept())
+        mode = 0o666 if gid is None else 0o660
+        self.listener = sockets.Listener(daemon.server, daemon.log, path, socket.SOCK_SEQPACKET, mode, gid, self._admit)
 
     def close(self) -> None:
         for peer in list(self._peers.values()):
             self._drop(peer)
-        self.daemon.server.unwatch(self.sock.fileno())
-        self.sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        self.listener.close()
 
-    def _accept(self) -> None:
-        while True:
-            conn = sockets.accept(self.sock, self.daemon.log)
-            if conn is None:
-                return
-            conn.setblocking(False)
-            peer = _Peer(conn, sockets.peer(conn)[1])
-            self._peers[conn.fileno()] = peer
-            self.daemon.server.watch(conn.fileno(), lambda fd, events: self._read(fd))
+    def _admit(self, conn: socket.socket) -> None:
+        peer = _Peer(conn, sockets.peer(conn)[1])
+        self._peers[conn.fileno()] = peer
+        self.daemon.server.watch(conn.fileno(), lambda fd, events: self._read(fd))
 
     def _read(self, fd: int) -> None:
         peer = self._peers[fd]

@@ -197,37 +197,28 @@ class LxcProxy:
         self.peer_uids = peer_uids
         self.group = group
         self.log: Any = audit.logger(source="lxc")
-        self._sock: socket.socket | None = None
-        self._inode = -1
+        self._listener: sockets.Listener | None = None
         self._conns: dict[int, _Connection] = {}
 
     def start(self) -> LxcProxy:
         """Check this kernel's struct sizes, bind and listen (on the loop from now on)."""
         notify.check_sizes()
         mode = 0o600 if self.group is None else 0o660
-        self._sock = sockets.listen(self.path, socket.SOCK_SEQPACKET, mode, self.group)
-        self._inode = os.stat(self.path).st_ino  # to remove only our own socket file at close
-        self.daemon.server.watch(self._sock.fileno(), self._accept)
+        self._listener = sockets.Listener(
+            self.daemon.server, self.log, self.path, socket.SOCK_SEQPACKET, mode, self.group, self._admit
+        )
         self.log.info("lxc-proxy-listening", path=self.path)
         return self
 
     def close(self) -> None:
         """Stop listening, end every connection and forget its container."""
-        if self._sock is not None:
-            self.daemon.server.unwatch(self._sock.fileno())
-            with contextlib.suppress(OSError):
-                if os.stat(self.path).st_ino == self._inode:
-                    os.unlink(self.path)
-            self._sock.close()
-            self._sock = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         for conn in list(self._conns.values()):
             self._end(conn)
 
-    def _accept(self, fd: int, events: int) -> None:
-        assert self._sock is not None
-        sock = sockets.accept(self._sock, self.log)
-        if sock is None:
-            return
+    def _admit(self, sock: socket.socket) -> None:
         pid, uid, _gid = sockets.peer(sock)
         try:
             if uid not in self.peer_uids:
@@ -243,7 +234,6 @@ class LxcProxy:
             self.log.warning("lxc-monitor-refused", monitor_pid=pid, uid=uid, reason=str(exc))
             sock.close()
             return
-        sock.setblocking(False)
         self._conns[sock.fileno()] = _Connection(sock, pid, init_pid, key, session)
         self.daemon.server.watch(sock.fileno(), self._readable, select.EPOLLIN | select.EPOLLRDHUP)
         self.log.info("lxc-container-adopted", key=key, name=info.name, init_pid=init_pid, host_uid=host_uid)

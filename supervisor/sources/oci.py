@@ -131,37 +131,29 @@ class OciSource:
     def __init__(self, daemon: Daemon, path: str, *, gid: int | None = None, users: bool = False) -> None:
         """`users`: ordinary users' runtimes (rootless podman) may connect too, each for its own
         containers only (see `_announce`); else only root's."""
-        self.daemon, self.path, self.users = daemon, path, users
-        self.sock = sockets.listen(path, socket.SOCK_STREAM, 0o666 if users else 0o600 if gid is None else 0o660, gid)
+        self.daemon, self.users = daemon, users
         self._pending: dict[int, _Pending] = {}
-        daemon.server.watch(self.sock.fileno(), lambda fd, events: self._accept())
+        mode = 0o666 if users else 0o600 if gid is None else 0o660
+        self.listener = sockets.Listener(daemon.server, daemon.log, path, socket.SOCK_STREAM, mode, gid, self._admit)
 
     def close(self) -> None:
         for pending in list(self._pending.values()):
             self._drop(pending)
-        self.daemon.server.unwatch(self.sock.fileno())
-        self.sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        self.listener.close()
 
-    def _accept(self) -> None:
-        while True:
-            conn = sockets.accept(self.sock, self.daemon.log)
-            if conn is None:
-                return
-            conn.setblocking(False)
-            uid = sockets.peer(conn)[1]
-            if uid != 0 and not self.users:
-                self.daemon.log.warning("oci-peer-refused", uid=uid, reason="only root's runtimes may connect")
-                conn.close()
-                continue
-            if len(self._pending) >= MAX_PENDING:
-                oldest = next(iter(self._pending.values()))
-                self.daemon.log.warning("oci-connection-dropped", reason="too many connections without a document")
-                self._drop(oldest)
-            pending = _Pending(conn, uid)
-            self._pending[conn.fileno()] = pending
-            self.daemon.server.watch(conn.fileno(), lambda fd, events: self._read(fd))
+    def _admit(self, conn: socket.socket) -> None:
+        uid = sockets.peer(conn)[1]
+        if uid != 0 and not self.users:
+            self.daemon.log.warning("oci-peer-refused", uid=uid, reason="only root's runtimes may connect")
+            conn.close()
+            return
+        if len(self._pending) >= MAX_PENDING:
+            oldest = next(iter(self._pending.values()))
+            self.daemon.log.warning("oci-connection-dropped", reason="too many connections without a document")
+            self._drop(oldest)
+        pending = _Pending(conn, uid)
+        self._pending[conn.fileno()] = pending
+        self.daemon.server.watch(conn.fileno(), lambda fd, events: self._read(fd))
 
     def _read(self, fd: int) -> None:
         pending = self._pending[fd]

@@ -10,9 +10,13 @@ import os
 import socket
 import stat
 import struct
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from ..errors import KernelError
+
+if TYPE_CHECKING:
+    from ..server import Server
 
 _reserve = -1  # an fd kept free, to accept and shed connections when serve is out of fds
 
@@ -46,6 +50,33 @@ def listen(path: str, kind: int, mode: int, gid: int | None = None) -> socket.so
         raise
     keep_reserve()
     return sock
+
+
+class Listener:
+    """A listening socket on the daemon's loop: every connection is accepted, made non-blocking
+    and handed to `admit`; `close` stops listening and removes the socket file if it is still
+    this one's (a successor may have replaced it)."""
+
+    def __init__(
+        self, server: Server, log: Any, path: str, kind: int, mode: int, gid: int | None,
+        admit: Callable[[socket.socket], None],
+    ) -> None:  # fmt: skip
+        self.server, self.log, self.path, self._admit = server, log, path, admit
+        self.sock = listen(path, kind, mode, gid)
+        self._inode = os.stat(path).st_ino
+        server.watch(self.sock.fileno(), lambda fd, events: self._accept())
+
+    def close(self) -> None:
+        self.server.unwatch(self.sock.fileno())
+        with contextlib.suppress(OSError):
+            if os.stat(self.path).st_ino == self._inode:
+                os.unlink(self.path)
+        self.sock.close()
+
+    def _accept(self) -> None:
+        while (conn := accept(self.sock, self.log)) is not None:
+            conn.setblocking(False)
+            self._admit(conn)
 
 
 def _remove_stale(path: str, kind: int) -> None:
