@@ -104,7 +104,7 @@ def _configmap_volume(directory: Path, generation: str, policy: str) -> None:
 def test_the_daemonsets_wrapper_sends_sighup_when_the_configmap_changes_and_passes_sigterm_on(tmp_path: Path) -> None:
     """The DaemonSet's shell wrapper, run here with the node's paths moved into tmp_path."""
     if os.geteuid() != 0:
-        pytest.skip("serve runs as root")
+        pytest.skip("needs root: the wrapper starts serve, which runs as root")
     etc, run = tmp_path / "etc", tmp_path / "run"
     etc.mkdir()
     policy = manifests()["ConfigMap"]["data"]["policy.yaml"]

@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import pwd
+import signal
 import socket
 import subprocess
 import time
@@ -28,16 +29,23 @@ from test_unprivileged import _as_user, ordinary_user, place  # noqa: F401 - fix
 # /proc/<pid>/root (its own processes: it owns their user namespace) and keeps an O_PATH fd on it,
 # which opens no device and holds nothing the pool can see. argv: the chat directory and the
 # node's path under a process's root (a pool node, or the image in a FUSE daemon's jail).
-LURKER = r"""
-import os, stat, sys, time
-chat, where = sys.argv[1], sys.argv[2]
+# How the attackers' scripts talk with the test, through files in the chat directory `chat`:
+# `wait` for the test's mark, `say` a result (written whole, then renamed into place).
+CHAT = r"""
+import os, sys, time
+chat = sys.argv[1]
 def wait(name):
     while not os.path.exists(os.path.join(chat, name)):
-        time.sleep(0.05)
+        time.sleep(0.02)
 def say(name, text):
     with open(os.path.join(chat, name + ".tmp"), "w") as f:
         f.write(text)
     os.rename(os.path.join(chat, name + ".tmp"), os.path.join(chat, name))
+"""
+
+LURKER = CHAT + r"""
+import stat
+where = sys.argv[2]
 kept = -1
 for pid in sorted(p for p in os.listdir("/proc") if p.isdigit()):
     try:
@@ -205,7 +213,8 @@ def test_after_serve_is_killed_the_user_gets_no_fd_on_an_unbound_pool_device(
     close a device, which detaches, and its next open through the node not yet disowned holds
     an unbound device, which LOOP_CTL_GET_FREE hands to the next host user. The guard holds
     its own fd on every device the pool shows (nshelper.Keep) and closes them only after
-    disowning: the spinner meets a bound device, then EACCES."""
+    disowning: the spinner meets a bound device, then EACCES. The guard is stopped while the
+    user spins, which widens the window from milliseconds to the whole spin."""
     uid, gid = ordinary_user.pw_uid, ordinary_user.pw_gid
     chat = place / "chat"
     chat.mkdir(mode=0o755)
@@ -230,10 +239,18 @@ def test_after_serve_is_killed_the_user_gets_no_fd_on_an_unbound_pool_device(
                                  "dev/.mountwarden/loop0", "spin")  # fmt: skip
             _wait(lambda: (chat / "opened").exists(), "the lurker's O_PATH fd")
             assert (chat / "opened").read_text() != "none", "the user reached no pool node from outside"
+            helpers = subprocess.run(["pgrep", "-P", str(serve.proc.pid), "-x", "mw-nshelper"], capture_output=True,
+                                     text=True).stdout.split()  # fmt: skip
+            assert len(helpers) == 1, helpers
+            guard = int(helpers[0])
+            os.kill(guard, signal.SIGSTOP)
             (chat / "spin").touch()
             serve.proc.kill()
             serve.proc.wait()
-            _wait(lambda: (chat / "result").exists(), "the lurker's spin")
+            try:
+                _wait(lambda: (chat / "result").exists(), "the lurker's spin")
+            finally:
+                os.kill(guard, signal.SIGCONT)
             result = (chat / "result").read_text()
         finally:
             for name in ("spin", "end"):

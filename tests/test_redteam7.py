@@ -13,31 +13,26 @@ from __future__ import annotations
 import os
 import pwd
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import oci
 import pytest
 import yaml
 from conftest import build_image, make_tree, write_policy
-from test_redteam6 import _bound, _user_popen, _wait
+from test_redteam6 import CHAT, _bound, _user_popen, _wait
 from test_unprivileged import ordinary_user, place  # noqa: F401 - fixtures
 
 # The attacker's process outside its container. argv: the chat directory, the node's name under
 # /dev/.mountwarden, what to do with it, and an argument. It finds the node through the root of
 # any process of its own, opens it (no O_PATH: a real open, which the device cgroup of its own
 # session allows) and issues loop ioctls that no seccomp filter sees.
-OUTSIDE = r"""
-import fcntl, os, stat, struct, sys, time
+OUTSIDE = CHAT + r"""
+import fcntl, stat, struct
 LOOP_SET_STATUS64, LOOP_GET_STATUS64, LOOP_CHANGE_FD = 0x4C04, 0x4C05, 0x4C06
 LO_FLAGS_AUTOCLEAR, LO_FLAGS_PARTSCAN = 4, 8
-chat, node, what, arg = sys.argv[1:5]
-def wait(name):
-    while not os.path.exists(os.path.join(chat, name)):
-        time.sleep(0.02)
-def say(name, text):
-    with open(os.path.join(chat, name + ".tmp"), "w") as f:
-        f.write(text)
-    os.rename(os.path.join(chat, name + ".tmp"), os.path.join(chat, name))
+node, what, arg = sys.argv[2:5]
 path = None
 for pid in sorted(p for p in os.listdir("/proc") if p.isdigit()):
     candidate = f"/proc/{pid}/root/dev/.mountwarden/{node}"
@@ -85,41 +80,40 @@ except OSError as exc:
 """
 
 
-def _attack(
-    user: pwd.struct_passwd, where: Path, tmp_path: Path, rules: list[dict[str, object]], name: str,
-    script: str, outside: list[str], during: str = "", after: str = "",
-) -> tuple[str, str, int]:  # fmt: skip
-    """Run `script` in U's container (served by root's serve); once it touched {chat}/ready, run
-    the outside process with `outside`, then touch {chat}/go. Returns the outside process's
-    result, the container's output and the host minor the outside process reached (-1 if none).
-
-    `during` runs (as root, a shell line with {minor}; its output is added to the container's)
-    before {chat}/go, `after` once the container has ended, while the outside process lives."""
-    uid, gid = user.pw_uid, user.pw_gid
+def run_attack(
+    user: pwd.struct_passwd, where: Path, tmp_path: Path, rules: list[dict[str, object]], name: str, script: str,
+    outside: str, argv: list[str], during: Callable[[str], Any] | None = None,
+    after: Callable[[str], Any] | None = None,
+) -> tuple[str, str, Any]:  # fmt: skip
+    """Run `script` ({chat} filled in) in U's container, served by root's serve under `rules`; once
+    it touched {chat}/ready, run the script `outside` as U with `argv` after the chat directory,
+    wait for its {chat}/result, then touch {chat}/go. `during` runs with that result before
+    {chat}/go, `after` with it once the container has been released, while the outside process
+    lives. Returns the outside process's result, the container's output and what the last hook
+    returned."""
     chat = where / "chat"
     chat.mkdir(mode=0o755)
-    os.chown(chat, uid, gid)
-    (where / "outside.py").write_text(OUTSIDE)
+    os.chown(chat, user.pw_uid, user.pw_gid)
+    (where / "outside.py").write_text(outside)
     policy = write_policy(tmp_path / "users.yaml", rules)
-    result, output, minor, seen = "", "", -1, ""
-    with oci.serving(tmp_path, policy, control=where / "control.sock"):
+    result, output, seen = "", "", None
+    with oci.serving(tmp_path, policy, control=where / "control.sock") as serve:
         run = _user_popen(user, *oci.mountwarden_argv(), "run", "--name", name, "--control-socket",
                           str(where / "control.sock"), "--", "/bin/sh", "-c", script.format(chat=chat))  # fmt: skip
         lurker = None
         try:
             _wait(lambda: (chat / "ready").exists() or run.poll() is not None, "the container")
             assert (chat / "ready").exists(), run.communicate()
-            lurker = _user_popen(user, "/usr/bin/python3", str(where / "outside.py"), str(chat), *outside)
+            lurker = _user_popen(user, "/usr/bin/python3", str(where / "outside.py"), str(chat), *argv)
             _wait(lambda: (chat / "result").exists(), "the outside process")
             result = (chat / "result").read_text()
-            if result.startswith("done"):
-                minor = int(result.split()[1])
-            if during and minor >= 0:
-                seen = _host(during.format(minor=minor))
+            if during is not None:
+                seen = during(result)
             (chat / "go").touch()
             output = run.communicate(timeout=60)[0]
-            if after and minor >= 0:
-                seen += _host(after.format(minor=minor))
+            if after is not None:
+                serve.wait_for("container-released")
+                seen = after(result)
         finally:
             for mark in ("go", "end"):
                 (chat / mark).touch()
@@ -128,7 +122,29 @@ def _attack(
             if run.poll() is None:
                 run.kill()
             run.wait(timeout=60)
-    return result, output + seen, minor
+    return result, output, seen
+
+
+def _attack(
+    user: pwd.struct_passwd, where: Path, tmp_path: Path, rules: list[dict[str, object]], name: str,
+    script: str, outside: list[str], during: str = "", after: str = "",
+) -> tuple[str, str, int]:  # fmt: skip
+    """run_attack with this file's OUTSIDE script, whose result names the host minor it reached;
+    `during` and `after` are shell lines run as root with {minor}, their output added to the
+    container's. Returns the host minor too (-1 if none)."""
+
+    def minor(result: str) -> int:
+        return int(result.split()[1]) if result.startswith("done") else -1
+
+    def shell(line: str) -> Callable[[str], str] | None:
+        if not line:
+            return None
+        return lambda result: _host(line.format(minor=minor(result))) if minor(result) >= 0 else ""
+
+    result, output, seen = run_attack(
+        user, where, tmp_path, rules, name, script, OUTSIDE, outside, during=shell(during), after=shell(after)
+    )
+    return result, output + (seen or ""), minor(result)
 
 
 def _host(line: str) -> str:

@@ -4,9 +4,9 @@ The attacker is an ordinary host account U running `mountwarden run --control-so
 root's `serve`: its own processes outside the container run under no filter and open the pool's
 nodes through /proc/<pid>/root. Since LoopPool.mount_device a kernel mount in U's container is
 made from a private host loop device bound to the judged file (at first, at the offset and size
-limit read from the slot's device at mount time). Each hole found is a test asserting the safe behaviour,
-marked xfail (strict) until fixed, its docstring saying what is wrong and the fix; all four are
-fixed now.
+limit read from the slot's device at mount time). Each hole found is a test asserting the safe
+behaviour, marked xfail (strict) until fixed, its docstring saying what is wrong and the fix;
+all four are fixed now.
 """
 
 from __future__ import annotations
@@ -16,24 +16,20 @@ import fcntl
 import os
 import pwd
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import oci
-from conftest import write_policy
-from test_redteam6 import _user_popen, _wait
-from test_redteam7 import WAIT_GO
+from test_redteam6 import CHAT, _wait
+from test_redteam7 import WAIT_GO, run_attack
 from test_unprivileged import ordinary_user, place  # noqa: F401 - fixtures
 
 # U's process outside its container. argv: the chat directory, what to do, a path under the
 # container's root. It finds that path through the root of any process of its own.
-OUTSIDE = r"""
-import fcntl, os, struct, sys, time
+OUTSIDE = CHAT + r"""
+import fcntl, struct
 LOOP_SET_STATUS64, LOOP_GET_STATUS64 = 0x4C04, 0x4C05
-chat, what, inside = sys.argv[1:4]
-def say(name, text):
-    with open(os.path.join(chat, name + ".tmp"), "w") as f:
-        f.write(text)
-    os.rename(os.path.join(chat, name + ".tmp"), os.path.join(chat, name))
+what, inside = sys.argv[2:4]
 path = None
 for pid in sorted(p for p in os.listdir("/proc") if p.isdigit()):
     if os.path.exists(f"/proc/{pid}/root{inside}"):
@@ -78,48 +74,16 @@ except OSError as exc:
 
 def _attack(
     user: pwd.struct_passwd, where: Path, tmp_path: Path, name: str, script: str, outside: list[str],
-    during: object = None, after: object = None,
-) -> tuple[str, str, object]:  # fmt: skip
-    """Run `script` in U's container (a rule lets it kernel-mount U's own ext4 images under
-    `where`); once it touched {chat}/ready run the outside process, then touch {chat}/go. `during`
-    (a callable) runs before {chat}/go, once the outside process is done; `after`
-    (a callable) runs once the container has ended, serve still up and the outside process alive.
-    Returns the outside process's result, the container's output and what `during` or `after`
-    returned."""
-    chat = where / "chat"
-    chat.mkdir(mode=0o755)
-    os.chown(chat, user.pw_uid, user.pw_gid)
-    (where / "outside.py").write_text(OUTSIDE)
+    during: Callable[[], Any] | None = None, after: Callable[[], Any] | None = None,
+) -> tuple[str, str, Any]:  # fmt: skip
+    """test_redteam7.run_attack with this file's OUTSIDE script, under a rule that lets U's
+    container kernel-mount U's own ext4 images under `where`."""
     rules = [{"name": "own-ext4", "containers": {"host_uid": [user.pw_uid]},
               "match": {"source": f"{where}/*.ext4", "target": "/**"}, "action": "kernel"}]  # fmt: skip
-    policy = write_policy(tmp_path / "users.yaml", rules)
-    result, output, seen = "", "", None
-    with oci.serving(tmp_path, policy, control=where / "control.sock") as serve:
-        run = _user_popen(user, *oci.mountwarden_argv(), "run", "--name", name, "--control-socket",
-                          str(where / "control.sock"), "--", "/bin/sh", "-c", script.format(chat=chat))  # fmt: skip
-        lurker = None
-        try:
-            _wait(lambda: (chat / "ready").exists() or run.poll() is not None, "the container")
-            assert (chat / "ready").exists(), run.communicate()
-            lurker = _user_popen(user, "/usr/bin/python3", str(where / "outside.py"), str(chat), *outside)
-            _wait(lambda: (chat / "result").exists(), "the outside process")
-            result = (chat / "result").read_text()
-            if callable(during):
-                seen = during()
-            (chat / "go").touch()
-            output = run.communicate(timeout=60)[0]
-            if callable(after):
-                serve.wait_for("container-released")
-                seen = after()
-        finally:
-            for mark in ("go", "end"):
-                (chat / mark).touch()
-            if lurker is not None:
-                lurker.wait(timeout=30)
-            if run.poll() is None:
-                run.kill()
-            run.wait(timeout=60)
-    return result, output, seen
+    return run_attack(
+        user, where, tmp_path, rules, name, script, OUTSIDE, outside,
+        during=None if during is None else lambda _: during(), after=None if after is None else lambda _: after(),
+    )  # fmt: skip
 
 
 def _own_image(place: Path, user: pwd.struct_passwd) -> Path:  # noqa: F811 - a fixture's name

@@ -117,9 +117,6 @@ class Retired:
     diskseq: int
     ticket: quota.Ticket | None
 
-    def detached(self) -> bool:
-        return not self.bound()
-
     def bound(self) -> bool:
         return still_bound(self.number, self.diskseq)
 
@@ -181,11 +178,10 @@ class LoopPool:
 
     def start(self) -> None:
         """Create the placeholder, /dev/loop-control and one free node per allowed device."""
-        if self.user_owned:
-            self._placeholder_ticket = quota.acquire(self.host_uid, self.per_uid_limit)
         self._memfd = os.memfd_create("mountwarden-free-loop", os.MFD_CLOEXEC)
-        self.placeholder = attach(self._memfd, read_only=False, name="mountwarden free loop device")
-        self._keep(self.placeholder)
+        self.placeholder, self._placeholder_ticket = self._counted_attach(
+            self._memfd, counted=self.user_owned, keep=True, read_only=False, name="mountwarden free loop device"
+        )
         self._grant(self.placeholder.rdev)
         control, self.control_ino = self._make_node("loop-control", stat.S_IFCHR, os.makedev(1, 3))
         os.close(control)
@@ -199,8 +195,7 @@ class LoopPool:
         device still has autoclear, so closing the pool's fds below releases it anyway. Retired
         devices keep their quota tickets until `settle` sees them detached.
         """
-        numbers = [slot.device.number for slot in self.slots.values() if slot.device]
-        numbers += [r.number for r in self.retired]
+        numbers: list[int] = []  # of devices that failed to release: not in `retired`
         for slot in list(self.slots.values()):
             if slot.device is None:
                 continue
@@ -210,26 +205,25 @@ class LoopPool:
                 if on_error is None:
                     raise
                 on_error(f"releasing /dev/loop{slot.number}")
+                numbers.append(slot.host.number)
                 slot.host.close()
         for slot in self.slots.values():  # the placeholder's nodes, now all of them
             self._disown(slot.node_fd)
             slot.node_fd = -1
         if self.placeholder is not None:
-            numbers.append(self.placeholder.number)
             clear_read_only(self.placeholder.fd)
             if self.keeper is not None:
                 self.keeper.let_go(self.placeholder.number)
             self.placeholder.close()
             self.retired.append(Retired(self.placeholder.number, self.placeholder.diskseq, self._placeholder_ticket))
             self.placeholder, self._placeholder_ticket = None, None
-        numbers += [r.number for r in self.retired if r.number not in numbers]  # private devices let go
         if self._placeholder_ticket is not None:  # start failed before the placeholder was made
             self._placeholder_ticket.release()
             self._placeholder_ticket = None
         if self._memfd >= 0:
             os.close(self._memfd)
             self._memfd = -1
-        return numbers
+        return sorted({*numbers, *(r.number for r in self.retired)})
 
     def hand_over(self) -> None:
         """After close: the tickets of devices still bound linger in the quota (quota.linger)."""
@@ -279,7 +273,7 @@ class LoopPool:
 
     def settle(self) -> list[int]:
         """Return the quota of retired devices the kernel has detached; the numbers still held."""
-        for gone in [r for r in self.retired if r.detached()]:
+        for gone in [r for r in self.retired if not r.bound()]:
             self.retired.remove(gone)
             if gone.ticket is not None:
                 gone.ticket.release()
@@ -345,18 +339,12 @@ class LoopPool:
         if slot.device is not None:
             raise KernelError(errno.EBUSY, f"/dev/loop{slot.number} is already bound")
         self._check_limit()
-        ticket = quota.acquire(self.host_uid, self.per_uid_limit)
-        try:
-            host_flags = req.flags & LO_FLAGS_DIRECT_IO  # never PARTSCAN: see the module docstring
-            device = attach(
-                req.backing_fd, read_only=req.read_only, name=req.name or req.backing_path, offset=req.offset,
-                sizelimit=req.sizelimit, flags=host_flags, block_size=req.block_size,
-            )  # fmt: skip
-            self._keep(device)
-        except BaseException:
-            ticket.release()
-            raise
-        slot.device, slot.ticket = device, ticket
+        device, slot.ticket = self._counted_attach(
+            req.backing_fd, counted=True, keep=True, read_only=req.read_only, name=req.name or req.backing_path,
+            offset=req.offset, sizelimit=req.sizelimit, flags=req.flags & LO_FLAGS_DIRECT_IO,  # never PARTSCAN
+            block_size=req.block_size,
+        )  # fmt: skip
+        slot.device = device
         slot.window = (req.offset, req.sizelimit)
         if self.user_owned:
             slot.backing_fd = os.dup(req.backing_fd)
@@ -419,17 +407,11 @@ class LoopPool:
         if not self.user_owned:
             return device
         if slot.private is None:
-            ticket = quota.acquire(self.host_uid, self.per_uid_limit)  # one of the user's devices too
-            try:
-                offset, sizelimit = slot.window
-                slot.private = attach(
-                    slot.backing_fd, read_only=read_only(device.fd), name=slot.backing_path, offset=offset,
-                    sizelimit=sizelimit, block_size=logical_block_size(device.fd),
-                )  # fmt: skip
-            except BaseException:
-                ticket.release()
-                raise
-            slot.private_ticket = ticket
+            offset, sizelimit = slot.window
+            slot.private, slot.private_ticket = self._counted_attach(
+                slot.backing_fd, counted=True, keep=False, read_only=read_only(device.fd), name=slot.backing_path,
+                offset=offset, sizelimit=sizelimit, block_size=logical_block_size(device.fd),
+            )  # fmt: skip
         return slot.private
 
     def private_claimed(self, slot: Slot) -> bool:
@@ -526,13 +508,29 @@ class LoopPool:
             self.retired.append(Retired(private.number, private.diskseq, slot.private_ticket))
             slot.private, slot.private_ticket = None, None
 
-    def _keep(self, device: LoopDevice) -> None:
-        if self.keeper is not None:
-            try:
+    def _counted_attach(
+        self, backing_fd: int, *, counted: bool, keep: bool, read_only: bool, name: str, offset: int = 0,
+        sizelimit: int = 0, flags: int = 0, block_size: int = 0,
+    ) -> tuple[LoopDevice, quota.Ticket | None]:  # fmt: skip
+        """A fresh host device on `backing_fd` with, if `counted`, a ticket of the uid's quota and,
+        if `keep`, the keeper's fd on it (a device with a node the container may open); undone
+        whole on failure."""
+        ticket = quota.acquire(self.host_uid, self.per_uid_limit) if counted else None
+        device: LoopDevice | None = None
+        try:
+            device = attach(
+                backing_fd, read_only=read_only, name=name, offset=offset, sizelimit=sizelimit, flags=flags,
+                block_size=block_size,
+            )  # fmt: skip
+            if keep and self.keeper is not None:
                 self.keeper.keep(device.fd, device.number)
-            except BaseException:
+        except BaseException:
+            if device is not None:
                 device.close()
-                raise
+            if ticket is not None:
+                ticket.release()
+            raise
+        return device, ticket
 
     @staticmethod
     def _disown(fd: int) -> None:
@@ -569,4 +567,3 @@ class LoopPool:
     def _revoke(self, rdev: int) -> None:
         for group in self.cgroups:
             group.deny(("b", os.major(rdev), os.minor(rdev)))
-
